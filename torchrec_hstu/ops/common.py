@@ -1,0 +1,231 @@
+"""Shared pieces of the ops layer: the kernel enum, the attention options and input checks."""
+
+import dataclasses
+import logging
+from enum import Enum, unique
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: FP8 quantization modes (notes decision 5): -1 off, 0 plain cast, 1 two-direction,
+#: 2 per-block, 3 per-(sample, head), 4 per-sample, 5 per-tensor.
+MIN_FP8_QUANT_MODE = -1
+MAX_FP8_QUANT_MODE = 5
+
+
+@unique
+class HSTUKernel(str, Enum):
+    """Which implementation runs HSTU attention.
+
+    ``PYTORCH`` is the reference (any device, also the exact FP8 emulation), ``TRITON`` runs
+    our Triton kernels on CUDA, ``CUTLASS`` calls the optional ``fbgemm_gpu_hstu`` wheel.
+    ``AUTO`` picks ``TRITON`` for CUDA tensors when Triton kernels are available and
+    ``PYTORCH`` otherwise, and logs the choice. An explicit choice is never swapped.
+    """
+
+    PYTORCH = "PYTORCH"
+    TRITON = "TRITON"
+    CUTLASS = "CUTLASS"
+    AUTO = "AUTO"
+
+
+def to_kernel(kernel) -> HSTUKernel:
+    """Accept an :class:`HSTUKernel` or its (case-insensitive) name."""
+    if isinstance(kernel, HSTUKernel):
+        return kernel
+    if isinstance(kernel, str):
+        try:
+            return HSTUKernel(kernel.upper())
+        except ValueError:
+            pass
+    raise ValueError(
+        f"kernel must be one of {[k.value for k in HSTUKernel]} (or an HSTUKernel); got {kernel!r}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """Mask and numerics options of one HSTU attention call.
+
+    Travels unchanged from :class:`~torchrec_hstu.modules.STULayer` down to the kernel.
+
+    Attributes:
+        causal: causal mask (a query sees earlier ids and itself).
+        max_attn_len: attention window in ids (0: none).
+        contextual_seq_len: length of the contextual prefix of every sequence.
+        min_full_attn_seq_len: the last this-many history ids are exempt from the window.
+        sla_k1: Semi-Local Attention local window (0: off).
+        sla_k2: Semi-Local Attention global prefix (0: off). SLA is on if either is > 0.
+        scaling_seqlen: divisor of ``silu(alpha * q k^T)``; -1 means the batch ``max_seq_len``.
+        fp8_quant_mode: -1 (off) or an FP8 mode in 0..5.
+    """
+
+    causal: bool = True
+    max_attn_len: int = 0
+    contextual_seq_len: int = 0
+    min_full_attn_seq_len: int = 0
+    sla_k1: int = 0
+    sla_k2: int = 0
+    scaling_seqlen: int = -1
+    fp8_quant_mode: int = -1
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_attn_len",
+            "contextual_seq_len",
+            "min_full_attn_seq_len",
+            "sla_k1",
+            "sla_k2",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+        if not isinstance(self.scaling_seqlen, int) or (
+            self.scaling_seqlen != -1 and self.scaling_seqlen <= 0
+        ):
+            raise ValueError(
+                f"scaling_seqlen must be -1 (batch max_seq_len) or a positive int; "
+                f"got {self.scaling_seqlen!r}"
+            )
+        if not isinstance(self.fp8_quant_mode, int) or not (
+            MIN_FP8_QUANT_MODE <= self.fp8_quant_mode <= MAX_FP8_QUANT_MODE
+        ):
+            raise ValueError(
+                f"fp8_quant_mode must be an int in [{MIN_FP8_QUANT_MODE}, {MAX_FP8_QUANT_MODE}] "
+                f"(-1 off, 0 cast, 1 two-direction, 2 per-block, 3 per-head, 4 per-batch, "
+                f"5 per-tensor); got {self.fp8_quant_mode!r}"
+            )
+        if self.use_sla:
+            if not self.causal:
+                raise ValueError("Semi-Local Attention (sla_k1/sla_k2) requires causal=True")
+            if self.max_attn_len > 0 or self.min_full_attn_seq_len > 0:
+                raise ValueError(
+                    "Semi-Local Attention (sla_k1/sla_k2) replaces the window: "
+                    "max_attn_len and min_full_attn_seq_len must be 0 when SLA is on; got "
+                    f"max_attn_len={self.max_attn_len}, "
+                    f"min_full_attn_seq_len={self.min_full_attn_seq_len}"
+                )
+
+    @property
+    def use_sla(self) -> bool:
+        return self.sla_k1 > 0 or self.sla_k2 > 0
+
+    @property
+    def use_fp8(self) -> bool:
+        return self.fp8_quant_mode >= 0
+
+    def mask_signature(self, has_targets: bool) -> tuple:
+        """What the mask depends on besides lengths (key for mask caches)."""
+        return (
+            self.causal,
+            self.max_attn_len,
+            self.contextual_seq_len,
+            self.min_full_attn_seq_len,
+            self.sla_k1,
+            self.sla_k2,
+            has_targets,
+        )
+
+    def resolve_scaling_seqlen(self, max_seq_len: int) -> int:
+        return max_seq_len if self.scaling_seqlen < 0 else self.scaling_seqlen
+
+
+def is_tracing() -> bool:
+    """True under torch.compile / torch.export / fx symbolic tracing.
+
+    Data-dependent checks and host syncs are skipped then (the anchors do the same).
+    """
+    import torch.fx._symbolic_trace as fx_trace
+
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or fx_trace.is_fx_symbolic_tracing()
+    )
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_seq_offsets(seq_offsets: torch.Tensor, total_len: int, name: str = "seq_offsets") -> None:
+    """Static checks always; value checks (start 0, non-decreasing, last == L) unless tracing."""
+    if not isinstance(seq_offsets, torch.Tensor) or seq_offsets.dim() != 1:
+        raise ValueError(
+            f"{name} must be a 1-D int32/int64 tensor of shape [B + 1]; got "
+            f"{getattr(seq_offsets, 'shape', type(seq_offsets))}"
+        )
+    if seq_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64; got {seq_offsets.dtype}")
+    if seq_offsets.numel() < 1:
+        raise ValueError(f"{name} must have B + 1 >= 1 entries; got an empty tensor")
+    if is_tracing():
+        return
+    first, last = int(seq_offsets[0]), int(seq_offsets[-1])
+    decreasing = bool((seq_offsets[1:] < seq_offsets[:-1]).any()) if seq_offsets.numel() > 1 else False
+    if first != 0 or decreasing or last != total_len:
+        raise ValueError(
+            f"{name} must be non-decreasing, start at 0 and end at the number of tokens "
+            f"L={total_len}; got {seq_offsets.tolist() if seq_offsets.numel() <= 16 else seq_offsets}"
+        )
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    num_targets: Optional[torch.Tensor],
+    options: AttentionOptions,
+    dropout_pr: float = 0.0,
+) -> None:
+    """Raise ``ValueError`` naming the argument and the expected form for bad inputs."""
+    if not isinstance(max_seq_len, (int, torch.SymInt)) or (
+        isinstance(max_seq_len, int) and max_seq_len <= 0
+    ):
+        raise ValueError(f"max_seq_len must be a positive int; got {max_seq_len!r}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [L, H, Dqk]; got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)} [L, H, Dqk]; got {tuple(k.shape)}")
+    if v.dim() != 3 or v.shape[0] != q.shape[0] or v.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"v must be 3-D [L, H, Dv] with L={q.shape[0]} and H={q.shape[1]} like q; "
+            f"got {tuple(v.shape)}"
+        )
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q must be float16/bfloat16/float32/float64; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device or seq_offsets.device != q.device:
+        raise ValueError(
+            f"q, k, v and seq_offsets must be on one device; got {q.device}, {k.device}, "
+            f"{v.device}, {seq_offsets.device}"
+        )
+    if not 0.0 <= dropout_pr < 1.0:
+        raise ValueError(f"dropout_pr must be in [0, 1); got {dropout_pr}")
+    check_seq_offsets(seq_offsets, q.shape[0])
+    batch_size = seq_offsets.numel() - 1
+    if num_targets is not None:
+        if num_targets.dim() != 1 or num_targets.numel() != batch_size:
+            raise ValueError(
+                f"num_targets must be 1-D of shape [B]=[{batch_size}]; got {tuple(num_targets.shape)}"
+            )
+        if num_targets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
+    if is_tracing() or batch_size == 0:
+        return
+    lengths = seq_offsets[1:] - seq_offsets[:-1]
+    longest = int(lengths.max())
+    if isinstance(max_seq_len, int) and longest > max_seq_len:
+        raise ValueError(
+            f"max_seq_len={max_seq_len} is smaller than the longest sequence ({longest} tokens)"
+        )
+    if num_targets is not None:
+        if bool((num_targets < 0).any()) or bool((num_targets.to(lengths.device) > lengths).any()):
+            raise ValueError(
+                "num_targets must be in [0, sequence length] for every sequence; got "
+                f"num_targets={num_targets.tolist()[:16]} for lengths={lengths.tolist()[:16]}"
+            )

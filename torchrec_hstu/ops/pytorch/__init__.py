@@ -1,0 +1,1 @@
+"""PyTorch reference kernels (any device)."""
