@@ -1,6 +1,7 @@
 """nn.Modules of HSTU that take torchrec types (JaggedTensor / EmbeddingCollection outputs)."""
 
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer, HSTUTransducerOutput
+from torchrec_hstu.modules.multi_channel import MultiChannelHSTU, MultiChannelHSTUOutput
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
 from torchrec_hstu.modules.postprocessors import (
     L2NormPostprocessor,

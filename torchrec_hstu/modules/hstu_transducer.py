@@ -138,6 +138,13 @@ class HSTUTransducer(nn.Module):
         stack = STUStack(layers, attn_truncation_split_layer, attn_truncation_tail_len)
         return cls(stack, input_preprocessor=input_preprocessor, **kwargs)
 
+    @classmethod
+    def from_config(cls, config: "hstu_pb2.HSTU", **kwargs: object) -> "HSTUTransducer":
+        """Build from an ``HSTU`` proto message; see :func:`torchrec_hstu.config.build_transducer`."""
+        from torchrec_hstu.config.builders import build_transducer
+
+        return build_transducer(config, **kwargs)
+
     def set_kernel(self, kernel: Union[HSTUKernel, str]) -> None:
         """Set the attention kernel of every STU layer."""
         kernel = to_kernel(kernel)

@@ -50,11 +50,22 @@ def padded_gather_index(
     """Index ``[B, max_len]`` into values padded by one extra row: slot ``(b, i)`` holds
     ``offsets[b] + i`` for ``i < length_b`` and ``total_len`` (the extra padding row) otherwise.
     """
-    positions = torch.arange(max_len, device=offsets.device, dtype=torch.int64)
-    starts = offsets[:-1].to(torch.int64).unsqueeze(1)
-    lengths = (offsets[1:] - offsets[:-1]).to(torch.int64).unsqueeze(1)
-    index = starts + positions.unsqueeze(0)
-    return torch.where(positions.unsqueeze(0) < lengths, index, torch.full_like(index, total_len))
+    return gather_index_from_starts(
+        offsets[:-1], offsets[1:] - offsets[:-1], max_len, total_len
+    )
+
+
+def gather_index_from_starts(
+    starts: torch.Tensor, lengths: torch.Tensor, max_len: int, pad_index: int
+) -> torch.Tensor:
+    """Index ``[b, max_len]`` of the tokens of ``b`` sequences given by ``starts: [b]`` and
+    ``lengths: [b]`` (any subset of a jagged batch): ``starts[s] + i`` for ``i < lengths[s]``,
+    ``pad_index`` for the padded slots. Sequences longer than ``max_len`` are cut.
+    """
+    positions = torch.arange(max_len, device=starts.device, dtype=torch.int64).unsqueeze(0)
+    index = starts.to(torch.int64).unsqueeze(1) + positions
+    in_sequence = positions < lengths.to(torch.int64).unsqueeze(1)
+    return torch.where(in_sequence, index, torch.full_like(index, pad_index))
 
 
 def jagged_to_padded_dense(

@@ -11,15 +11,18 @@ longest sequence. Under tracing (torch.export / compile) there is one group padd
 ``max_seq_len``, which needs no host sync.
 
 Half-precision inputs are computed in float32 and cast back, float64 stays float64, so the
-reference doubles as a test oracle for the fast kernels.
+reference doubles as a test oracle for the fast kernels. One autograd node covers all groups and
+keeps only the scores for backward (see :class:`_JaggedAttention`).
 """
 
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from torchrec_hstu.ops.common import AttentionOptions, is_tracing
+from torchrec_hstu.ops.jagged import gather_index_from_starts
 from torchrec_hstu.ops.masks import hstu_attention_mask, sla_attention_mask
 
 #: A group closes when the next (shorter) sequence is below this fraction of its longest.
@@ -30,11 +33,25 @@ GROUP_MAX_SCORE_ELEMENTS = 1 << 24
 
 def group_sequences_by_length(
     lengths: List[int],
-    ratio: float = GROUP_LENGTH_RATIO,
-    max_score_elements: int = GROUP_MAX_SCORE_ELEMENTS,
+    ratio: Optional[float] = None,
+    max_score_elements: Optional[int] = None,
 ) -> List[Tuple[List[int], int]]:
-    """Partition sequence indices into ``(indices, padded_len)`` groups; empty sequences are
-    left out (they produce no output)."""
+    """Partition sequence indices into ``(indices, padded_len)`` groups.
+
+    Sequences are taken longest first; a group closes when the next sequence is shorter than
+    ``ratio`` times the group's longest, or when ``sequences * padded_len^2`` would exceed
+    ``max_score_elements``. Empty sequences are left out (they produce no output).
+
+    Args:
+        lengths: ``B`` sequence lengths.
+        ratio: default :data:`GROUP_LENGTH_RATIO` (read at call time).
+        max_score_elements: default :data:`GROUP_MAX_SCORE_ELEMENTS` (read at call time).
+
+    Returns:
+        ``[(sequence indices, padded_len), ...]``, every non-empty sequence in exactly one group.
+    """
+    ratio = GROUP_LENGTH_RATIO if ratio is None else ratio
+    max_score_elements = GROUP_MAX_SCORE_ELEMENTS if max_score_elements is None else max_score_elements
     order = sorted((b for b, n in enumerate(lengths) if n > 0), key=lambda b: -lengths[b])
     groups: List[Tuple[List[int], int]] = []
     current: List[int] = []
@@ -57,11 +74,7 @@ def group_sequences_by_length(
 def _gather_index(
     starts: torch.Tensor, lengths: torch.Tensor, padded_len: int, pad_index: int
 ) -> torch.Tensor:
-    positions = torch.arange(padded_len, device=starts.device)
-    index = starts.unsqueeze(1) + positions.unsqueeze(0)
-    return torch.where(
-        positions.unsqueeze(0) < lengths.unsqueeze(1), index, torch.full_like(index, pad_index)
-    )
+    return gather_index_from_starts(starts, lengths, padded_len, pad_index)
 
 
 def build_mask(
@@ -116,6 +129,103 @@ def _attention_plan(
     return groups
 
 
+class _JaggedAttention(torch.autograd.Function):
+    """Reference attention over all length groups as one autograd node.
+
+    Per group (``index: [b, N]`` token rows with padded slots = ``L``, ``mask: [b, 1, N, N]``
+    bool, ``keep: [b, H, N, N]`` bool dropout mask or None)::
+
+        S = (alpha Q) K^T;  O = (silu(S) * mask [* keep]) @ V * out_scale
+
+    Backward keeps only the caller's ``q, k, v`` (alive anyway) and each group's scores ``S``;
+    the padded group tensors are gathered again, ``silu`` and the weights are recomputed, the
+    scalar factors are applied to the small ``[N, D]`` operands and ``silu'`` is built in place.
+    So fwd+bwd holds about three ``N x N`` tensors of one group at a time plus one (``S``) per
+    group, where autograd of the same expression keeps four per group plus padded copies.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, groups, alpha: float, out_scale: float, compute_dtype):
+        total_len, num_heads, _ = q.shape
+        dim_v = v.shape[2]
+        result = q.new_zeros((total_len + 1, num_heads, dim_v), dtype=compute_dtype)
+        scores_per_group: List[torch.Tensor] = []
+        for index, mask, keep in groups:
+            qg, kg, vg = (_gather(x, index, total_len, compute_dtype) for x in (q, k, v))
+            scores = torch.matmul(qg * alpha, kg.transpose(-1, -2))
+            weights = F.silu(scores)
+            weights.mul_(mask)
+            if keep is not None:
+                weights.mul_(keep)
+            out = torch.matmul(weights, vg)
+            del weights
+            out.mul_(out_scale)
+            # Padded slots all write the spare row L, which is dropped.
+            result.index_copy_(0, index.reshape(-1), out.transpose(1, 2).reshape(-1, num_heads, dim_v))
+            scores_per_group.append(scores)
+        ctx.save_for_backward(q, k, v)
+        ctx.groups, ctx.scores = groups, scores_per_group
+        ctx.alpha, ctx.out_scale, ctx.compute_dtype = alpha, out_scale, compute_dtype
+        return result[:total_len].to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        total_len, num_heads, dim_qk = q.shape
+        dim_v = v.shape[2]
+        dtype = ctx.compute_dtype
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        # Padded query rows read the zero row L: their outputs were dropped, so no gradient.
+        grad_out = torch.cat([grad_out.to(dtype), grad_out.new_zeros((1, num_heads, dim_v), dtype=dtype)])
+        grads = [
+            q.new_zeros((total_len + 1, num_heads, dim), dtype=dtype) if needed else None
+            for needed, dim in ((need_q, dim_qk), (need_k, dim_qk), (need_v, dim_v))
+        ]
+        for (index, mask, keep), scores in zip(ctx.groups, ctx.scores):
+            flat_index = index.reshape(-1)
+            qg, kg, vg = (_gather(x, index, total_len, dtype) for x in (q, k, v))
+            grad_og = grad_out[index].transpose(1, 2) * ctx.out_scale  # [b, H, N, Dv]
+            sig = torch.sigmoid(scores)
+            if need_v:
+                weights = scores * sig
+                weights.mul_(mask)
+                if keep is not None:
+                    weights.mul_(keep)
+                grad_vg = torch.matmul(weights.transpose(-1, -2), grad_og)
+                del weights
+                grads[2].index_copy_(0, flat_index, grad_vg.transpose(1, 2).reshape(-1, num_heads, dim_v))
+            if need_q or need_k:
+                grad_scores = torch.matmul(grad_og, vg.transpose(-1, -2))
+                grad_scores.mul_(mask)
+                if keep is not None:
+                    grad_scores.mul_(keep)
+                # silu'(s) = sig * (1 + s * (1 - sig)), applied in two in-place passes.
+                grad_scores.mul_(sig)
+                sig.neg_().add_(1.0).mul_(scores).add_(1.0)
+                grad_scores.mul_(sig)
+                del sig
+                if need_q:
+                    grad_qg = torch.matmul(grad_scores, kg).mul_(ctx.alpha)
+                    grads[0].index_copy_(0, flat_index, grad_qg.transpose(1, 2).reshape(-1, num_heads, dim_qk))
+                if need_k:
+                    grad_kg = torch.matmul(grad_scores.transpose(-1, -2), qg).mul_(ctx.alpha)
+                    grads[1].index_copy_(0, flat_index, grad_kg.transpose(1, 2).reshape(-1, num_heads, dim_qk))
+        grad_q, grad_k, grad_v = (
+            None if g is None else g[:total_len].to(x.dtype) for g, x in zip(grads, (q, k, v))
+        )
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, total_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``index: [b, N]`` of jagged ``x: [L, H, D]`` as ``[b, H, N, D]`` in ``dtype``.
+
+    Padded slots (``index == L``) read row 0; callers mask them (keys) or drop them (queries).
+    """
+    read_index = torch.where(index < total_len, index, torch.zeros_like(index))
+    return x[read_index].transpose(1, 2).to(dtype)
+
+
 def pytorch_hstu_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -148,50 +258,39 @@ def pytorch_hstu_attention(
     Returns:
         ``[L, H, Dv]`` in the dtype of ``q``.
     """
+    if options.use_fp8:
+        raise ValueError(
+            "pytorch_hstu_attention computes in high precision; fp8_quant_mode="
+            f"{options.fp8_quant_mode} goes through hstu_attention (FP8 emulation)"
+        )
     total_len, num_heads, _ = q.shape
-    dim_v = v.shape[2]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scaling_seqlen = options.resolve_scaling_seqlen(max_seq_len)
+    dropout_on = dropout_pr > 0.0 and training
+    out_scale = 1.0 / scaling_seqlen
+    if dropout_on:
+        out_scale = out_scale / (1.0 - dropout_pr)
     seq_offsets = seq_offsets.to(torch.int64)
     seq_lengths = seq_offsets[1:] - seq_offsets[:-1]
     starts = seq_offsets[:-1]
-
-    # One zero row at index L serves every padded slot (silu(0) = 0 and v = 0 there).
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.to(compute_dtype), x.new_zeros((1,) + tuple(x.shape[1:]), dtype=compute_dtype)])
-
-    q_pad, k_pad, v_pad = pad(q), pad(k), pad(v)
     mask_key = ("mask",) + options.mask_signature(num_targets is not None)
     masks: Optional[List[torch.Tensor]] = None if cache is None else cache.get(mask_key)
     new_masks: List[torch.Tensor] = []
-
-    out_indices: List[torch.Tensor] = []
-    out_values: List[torch.Tensor] = []
+    groups = []
     for group_id, (seq_ids, padded_len) in enumerate(_attention_plan(seq_offsets, max_seq_len, cache)):
         group_lengths = seq_lengths[seq_ids]
         index = _gather_index(starts[seq_ids], group_lengths, padded_len, total_len)
-        # [b, N, H, D] -> [b, H, N, D]
-        qg = q_pad[index].transpose(1, 2)
-        kg = k_pad[index].transpose(1, 2)
-        vg = v_pad[index].transpose(1, 2)
         if masks is not None:
             mask = masks[group_id]
         else:
             group_targets = None if num_targets is None else num_targets.to(torch.int64)[seq_ids]
-            mask = build_mask(options, group_lengths, padded_len, group_targets)
+            mask = build_mask(options, group_lengths, padded_len, group_targets).unsqueeze(1)
             new_masks.append(mask)
-        scores = alpha * torch.matmul(qg, kg.transpose(-1, -2))
-        weights = F.silu(scores) / scaling_seqlen * mask.unsqueeze(1).to(compute_dtype)
-        if dropout_pr > 0.0 and training:
-            weights = F.dropout(weights, p=dropout_pr, training=True)
-        out = torch.matmul(weights, vg).transpose(1, 2)  # [b, N, H, Dv]
-        out_indices.append(index.reshape(-1))
-        out_values.append(out.reshape(-1, num_heads, dim_v))
+        keep = None
+        if dropout_on:
+            shape = (index.shape[0], num_heads, padded_len, padded_len)
+            keep = torch.rand(shape, device=q.device, dtype=compute_dtype) >= dropout_pr
+        groups.append((index, mask, keep))
     if cache is not None and masks is None:
         cache[mask_key] = new_masks
-
-    result = q.new_zeros((total_len + 1, num_heads, dim_v), dtype=compute_dtype)
-    if out_indices:
-        # Padded slots all write row L, which is dropped.
-        result = result.index_copy(0, torch.cat(out_indices), torch.cat(out_values))
-    return result[:total_len].to(q.dtype)
+    return _JaggedAttention.apply(q, k, v, groups, float(alpha), out_scale, compute_dtype)

@@ -1,0 +1,1 @@
+"""Data: jagged interaction sequences, built-in synthetic data sets, MovieLens / CSV readers."""

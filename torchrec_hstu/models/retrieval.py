@@ -1,0 +1,451 @@
+"""HSTU retrieval: next-item prediction the way generative-recommenders trains on MovieLens.
+
+``item ids -> EmbeddingCollection -> HSTUTransducer (every token's output) -> dot product
+with L2-normalized item embeddings``. Training uses a sampled softmax over the next item of
+every position (:class:`HSTURetrievalTrain`); inference scores the full catalogue
+(:meth:`HSTURetrieval.forward`).
+
+Symbols: ``B`` sequences, ``L`` tokens, ``D`` embedding dim, ``N`` catalogue size, ``R``
+sampled negatives.
+
+Design for later export and sharding:
+
+* ``forward`` takes plain tensors (ids, lengths, timestamps and an int ``max_seq_len``) and
+  builds the ``KeyedJaggedTensor`` inside, so ``torch.export.export(strict=False)`` traces from
+  ids to scores with no host sync.
+* The ``EmbeddingCollection`` (``embedding_collection``) is the only sparse module; everything
+  else is dense, so ``DistributedModelParallel`` can shard the table and data-parallelise the
+  rest. Negatives are looked up through the same collection, never by indexing its weight.
+* The table may live on another device than the dense part (:meth:`HSTURetrieval.place`):
+  on a GPU machine without fbgemm CUDA ops the lookup runs on CPU and the HSTU part on CUDA.
+"""
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
+from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
+from torchrec_hstu.ops.common import HSTUKernel
+from torchrec_hstu.ops.jagged import jagged_token_positions, lengths_to_offsets
+
+
+def default_retrieval_transducer(
+    embedding_dim: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    attention_dim: int = 32,
+    hidden_dim: int = 32,
+    max_seq_len: int = 200,
+    num_time_buckets: int = 128,
+    use_time_encoding: bool = True,
+    input_dropout_ratio: float = 0.2,
+    output_dropout_ratio: float = 0.2,
+    kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
+) -> HSTUTransducer:
+    """The GR-style retrieval transducer from keyword arguments.
+
+    Causal STU layers (``scaling_seqlen = max_seq_len`` so a user's output does not depend
+    on the other sequences of the batch), the HSTU positional encoder (reversed positions,
+    time gaps to the last interaction), L2-normalized outputs for every token.
+
+    Args:
+        embedding_dim: ``D``.
+        num_layers: STU layers.
+        num_heads: attention heads.
+        attention_dim: q/k dim per head.
+        hidden_dim: u/v dim per head.
+        max_seq_len: longest sequence the model sees (position buckets, attention scaling).
+        num_time_buckets: time-gap buckets of the positional encoder.
+        use_time_encoding: add the time-gap embedding.
+        input_dropout_ratio: dropout after positional encoding.
+        output_dropout_ratio: dropout inside each STU layer.
+        kernel: attention kernel.
+
+    Returns:
+        :class:`HSTUTransducer` with ``return_full_embeddings=True``.
+    """
+    stu = dict(
+        embedding_dim=embedding_dim,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        attention_dim=attention_dim,
+        output_dropout_ratio=output_dropout_ratio,
+        causal=True,
+        target_aware=True,
+        scaling_seqlen=max_seq_len,
+        # Recompute trades compute for memory; on CPU-sized models compute is the bottleneck.
+        recompute_normed_x=False,
+        recompute_uvqk=False,
+        recompute_y=False,
+    )
+    encoder = HSTUPositionalEncoder(
+        num_position_buckets=max_seq_len + 1,
+        num_time_buckets=num_time_buckets,
+        embedding_dim=embedding_dim,
+        use_time_encoding=use_time_encoding,
+    )
+    return HSTUTransducer.from_layer_kwargs(
+        stu,
+        num_layers,
+        positional_encoder=encoder,
+        input_dropout_ratio=input_dropout_ratio,
+        return_full_embeddings=True,
+        kernel=kernel,
+    )
+
+
+def gap_buckets(
+    timestamps: torch.Tensor, offsets: torch.Tensor, num_buckets: int
+) -> torch.Tensor:
+    """Log2 bucket of the gap to the previous interaction of the same sequence.
+
+    Bucket 0 marks a sequence's first token; a gap of ``g`` seconds gets
+    ``1 + clamp(floor(log2(max(g, 1))), 0, num_buckets - 2)``.
+
+    Args:
+        timestamps: ``[L]`` seconds.
+        offsets: ``[B + 1]``.
+        num_buckets: number of buckets (>= 2).
+
+    Returns:
+        ``[L]`` int64 buckets.
+    """
+    total = timestamps.shape[0]
+    _, positions = jagged_token_positions(offsets.to(torch.int64), total)
+    previous = torch.cat([timestamps[:1], timestamps[:-1]])
+    gap = torch.clamp((timestamps - previous).to(torch.float64), min=1.0)
+    bucket = 1 + torch.clamp(torch.floor(torch.log2(gap)).to(torch.int64), min=0, max=num_buckets - 2)
+    return torch.where(positions > 0, bucket, torch.zeros_like(bucket))
+
+
+class HSTURetrieval(nn.Module):
+    """Generative retrieval model: HSTU over the item history, dot product with items.
+
+    Args:
+        num_items: catalogue size ``N`` (table rows).
+        embedding_dim: ``D`` of the item table (must equal the transducer's).
+        transducer: the sequence encoder (e.g. from ``default_retrieval_transducer`` or
+            a ``.pbtxt`` config); it must return full embeddings. Default: built from
+            ``transducer_kwargs``.
+        num_gap_buckets: buckets of the gap-to-previous-interaction embedding added to the
+            item embeddings (0: off).
+        embedding_init_std: std of the item table's normal init.
+        feature_name: the id feature.
+        table_name: the table (not ``items``: that collides with ``nn.ModuleDict.items``).
+        device: device of the item table.
+        **transducer_kwargs: arguments of :func:`default_retrieval_transducer`.
+
+    Example::
+
+        >>> model = HSTURetrieval(num_items=20, embedding_dim=16, num_layers=1, num_heads=1,
+        ...                       attention_dim=8, hidden_dim=8, max_seq_len=8)
+        >>> scores = model(torch.tensor([1, 2, 3]), torch.tensor([1, 2]),
+        ...                torch.tensor([0, 60, 120]), max_seq_len=2)
+        >>> scores.shape
+        torch.Size([2, 20])
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int = 64,
+        transducer: Optional[HSTUTransducer] = None,
+        num_gap_buckets: int = 32,
+        embedding_init_std: float = 0.02,
+        feature_name: str = "item_id",
+        table_name: str = "item_table",
+        device: Optional[torch.device] = None,
+        **transducer_kwargs,
+    ) -> None:
+        super().__init__()
+        if num_items <= 0:
+            raise ValueError(f"num_items must be > 0; got {num_items}")
+        if table_name == "items":
+            raise ValueError("table_name must not be 'items' (collides with nn.ModuleDict.items)")
+        if num_gap_buckets == 1 or num_gap_buckets < 0:
+            raise ValueError(f"num_gap_buckets must be 0 (off) or >= 2; got {num_gap_buckets}")
+        if transducer is None:
+            transducer = default_retrieval_transducer(embedding_dim=embedding_dim, **transducer_kwargs)
+        elif transducer_kwargs:
+            raise ValueError(
+                f"pass either a transducer or transducer kwargs, not both; got {sorted(transducer_kwargs)}"
+            )
+        if not transducer.return_full_embeddings:
+            raise ValueError("the retrieval transducer must have return_full_embeddings=True")
+        if transducer.embedding_dim != embedding_dim and transducer.input_preprocessor is None:
+            raise ValueError(
+                f"embedding_dim={embedding_dim} differs from the transducer's {transducer.embedding_dim} "
+                "and the transducer has no input_preprocessor to map it"
+            )
+        self.num_items = num_items
+        self.embedding_dim = embedding_dim
+        self.feature_name = feature_name
+        self.table_name = table_name
+        self.num_gap_buckets = num_gap_buckets
+        self.embedding_collection = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=table_name,
+                    embedding_dim=embedding_dim,
+                    num_embeddings=num_items,
+                    feature_names=[feature_name],
+                )
+            ],
+            device=device,
+        )
+        with torch.no_grad():
+            weight = self.embedding_collection.embeddings[table_name].weight
+            if weight.device.type != "meta":
+                weight.normal_(0.0, embedding_init_std)
+        self.gap_embeddings: Optional[nn.Embedding] = None
+        if num_gap_buckets > 0:
+            self.gap_embeddings = nn.Embedding(num_gap_buckets, embedding_dim)
+            nn.init.normal_(self.gap_embeddings.weight, 0.0, embedding_init_std)
+        self.transducer = transducer
+
+    # -- devices -------------------------------------------------------------------------
+    def embedding_device(self) -> torch.device:
+        return self.embedding_collection.embeddings[self.table_name].weight.device
+
+    def dense_device(self) -> torch.device:
+        return next(self.transducer.parameters()).device
+
+    def place(self, dense_device: Union[str, torch.device]) -> "HSTURetrieval":
+        """Move every module except the item table to ``dense_device``."""
+        for child in self.children():
+            if child is not self.embedding_collection:
+                child.to(dense_device)
+        return self
+
+    # -- lookups -------------------------------------------------------------------------
+    def lookup(self, item_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw item embeddings through the ``EmbeddingCollection``.
+
+        Args:
+            item_ids: ``[L]`` int64.
+            lengths: ``[B]`` (sums to ``L``).
+
+        Returns:
+            ``[L, D]`` on the dense device.
+        """
+        device = self.embedding_device()
+        kjt = KeyedJaggedTensor(
+            keys=[self.feature_name],
+            values=item_ids.to(device),
+            lengths=lengths.to(device=device, dtype=torch.int64),
+        )
+        return self.embedding_collection(kjt)[self.feature_name].values().to(self.dense_device())
+
+    def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """``[R] -> [R, D]`` L2-normalized output embeddings of ``item_ids``."""
+        lengths = torch.full((1,), item_ids.shape[0], dtype=torch.int64)
+        return F.normalize(self.lookup(item_ids, lengths), dim=-1, eps=1e-6)
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        """``[N, D]`` L2-normalized embeddings of the whole catalogue."""
+        ids = torch.arange(self.num_items, device=self.embedding_device())
+        return self.item_embeddings(ids)
+
+    # -- encoding ------------------------------------------------------------------------
+    def encode(
+        self,
+        item_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        timestamps: torch.Tensor,
+        max_seq_len: int,
+        extra_ids: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Every token's output plus the raw input embeddings.
+
+        ``extra_ids`` (e.g. sampled negatives) are looked up in the same collection call, as
+        one more sequence appended to the batch.
+
+        Args:
+            item_ids: ``[L]`` int64 history ids, sequences back to back.
+            lengths: ``[B]``.
+            timestamps: ``[L]`` seconds.
+            max_seq_len: ``max(lengths)`` (an int, passed to avoid a host sync).
+            extra_ids: optional ``[R]`` ids to embed as well.
+
+        Returns:
+            ``(outputs [L, D] L2-normalized, inputs [L, D] raw, extra [R, D] raw or None)``.
+        """
+        total = item_ids.shape[0]
+        if extra_ids is None:
+            embeddings = self.lookup(item_ids, lengths)
+            extra = None
+        else:
+            all_ids = torch.cat([item_ids, extra_ids.to(item_ids.device)])
+            all_lengths = torch.cat(
+                [lengths.to(torch.int64), torch.full((1,), extra_ids.shape[0], dtype=torch.int64, device=lengths.device)]
+            )
+            both = self.lookup(all_ids, all_lengths)
+            embeddings, extra = both[:total], both[total:]
+        dense = self.dense_device()
+        lengths = lengths.to(dense)
+        timestamps = timestamps.to(dense)
+        x = embeddings
+        if self.gap_embeddings is not None:
+            buckets = gap_buckets(timestamps, lengths_to_offsets(lengths), self.num_gap_buckets)
+            x = x + self.gap_embeddings(buckets)
+        out = self.transducer(
+            JaggedTensor(values=x, lengths=lengths),
+            seq_timestamps=timestamps,
+            max_seq_len=max_seq_len,
+        )
+        assert out.full_embeddings is not None
+        return out.full_embeddings.values(), embeddings, extra
+
+    def user_embeddings(
+        self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int
+    ) -> torch.Tensor:
+        """``[B, D]``: the output at each sequence's last token (the next-item query).
+
+        Every sequence must be non-empty.
+        """
+        outputs, _, _ = self.encode(item_ids, lengths, timestamps, max_seq_len)
+        last = lengths_to_offsets(lengths.to(outputs.device))[1:] - 1
+        return outputs[last]
+
+    def forward(
+        self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int
+    ) -> torch.Tensor:
+        """Scores of the next item over the whole catalogue.
+
+        Args:
+            item_ids: ``[L]`` int64.
+            lengths: ``[B]`` (each >= 1).
+            timestamps: ``[L]`` seconds.
+            max_seq_len: ``max(lengths)``.
+
+        Returns:
+            ``[B, N]`` cosine scores.
+        """
+        users = self.user_embeddings(item_ids, lengths, timestamps, max_seq_len)
+        return users @ self.all_item_embeddings().t()
+
+
+class HSTURetrievalTrain(nn.Module):
+    """Sampled-softmax next-item loss around :class:`HSTURetrieval` (wrap this in DMP).
+
+    For every token that has a successor in its sequence, the logits are
+    ``<u_t, e(next)> / temperature`` and ``<u_t, e(neg_r)> / temperature`` for ``R`` shared
+    negatives (``u`` and ``e`` L2-normalized); a negative equal to the positive is masked out
+    (accidental hit). ``negative_log_q`` (log sampling probabilities, e.g. for in-batch
+    negatives) is subtracted from the negative logits (logQ correction).
+
+    Args:
+        model: the retrieval model.
+        temperature: softmax temperature (GR: 0.05).
+
+    Example::
+
+        >>> model = HSTURetrieval(num_items=20, embedding_dim=16, num_layers=1, num_heads=1,
+        ...                       attention_dim=8, hidden_dim=8, max_seq_len=8)
+        >>> loss = HSTURetrievalTrain(model)(torch.tensor([1, 2, 3]), torch.tensor([1, 2]),
+        ...     torch.tensor([0, 60, 120]), 2, torch.tensor([4, 5, 6]))
+        >>> loss.dim()
+        0
+    """
+
+    def __init__(self, model: HSTURetrieval, temperature: float = 0.05) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}")
+        self.model = model
+        self.temperature = temperature
+
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        timestamps: torch.Tensor,
+        max_seq_len: int,
+        negative_ids: torch.Tensor,
+        negative_log_q: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            item_ids: ``[L]`` int64 training sequences.
+            lengths: ``[B]``.
+            timestamps: ``[L]``.
+            max_seq_len: ``max(lengths)``.
+            negative_ids: ``[R]`` sampled negatives shared by all positions.
+            negative_log_q: optional ``[R]`` log sampling probability of each negative.
+
+        Returns:
+            Scalar mean loss over supervised positions (0 if there are none).
+        """
+        outputs, inputs, negatives = self.model.encode(
+            item_ids, lengths, timestamps, max_seq_len, extra_ids=negative_ids
+        )
+        assert negatives is not None
+        device = outputs.device
+        offsets = lengths_to_offsets(lengths.to(device))
+        _, positions = jagged_token_positions(offsets, outputs.shape[0])
+        batch_lengths = (offsets[1:] - offsets[:-1])
+        token_lengths = torch.repeat_interleave(batch_lengths, batch_lengths, output_size=outputs.shape[0])
+        supervised = torch.nonzero(positions < token_lengths - 1).flatten()
+        if supervised.numel() == 0:
+            return outputs.sum() * 0.0
+        queries = outputs[supervised]
+        positives = F.normalize(inputs[supervised + 1], dim=-1, eps=1e-6)
+        negatives = F.normalize(negatives, dim=-1, eps=1e-6)
+        pos_logits = (queries * positives).sum(-1, keepdim=True) / self.temperature
+        neg_logits = queries @ negatives.t() / self.temperature
+        if negative_log_q is not None:
+            neg_logits = neg_logits - negative_log_q.to(device).unsqueeze(0)
+        targets = item_ids.to(device)[supervised + 1]
+        hit = targets.unsqueeze(1) == negative_ids.to(device).unsqueeze(0)
+        neg_logits = neg_logits.masked_fill(hit, float("-inf"))
+        logits = torch.cat([pos_logits, neg_logits], dim=1)
+        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64, device=device))
+
+
+def sample_negatives(
+    strategy: str,
+    num_negatives: int,
+    num_items: int,
+    batch_item_ids: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Draw ``R`` shared negatives.
+
+    Args:
+        strategy: ``"uniform"`` (over the catalogue), ``"in_batch"`` (items of the batch,
+            i.e. by popularity, with logQ correction) or ``"mixed"`` (half each).
+        num_negatives: ``R``.
+        num_items: ``N``.
+        batch_item_ids: ``[L]`` ids of the batch.
+        generator: RNG.
+
+    Returns:
+        ``(negative_ids [R], negative_log_q [R] or None)``.
+    """
+    if strategy not in NEGATIVE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {NEGATIVE_STRATEGIES}; got {strategy!r}")
+    if num_negatives <= 0:
+        raise ValueError(f"num_negatives must be > 0; got {num_negatives}")
+    n_batch = {"uniform": 0, "in_batch": num_negatives, "mixed": num_negatives // 2}[strategy]
+    if batch_item_ids.numel() == 0:
+        n_batch = 0
+    n_uniform = num_negatives - n_batch
+    uniform = torch.randint(num_items, (n_uniform,), generator=generator)
+    picks = torch.randint(max(batch_item_ids.numel(), 1), (n_batch,), generator=generator)
+    in_batch = batch_item_ids.cpu()[picks] if n_batch > 0 else uniform[:0]
+    ids = torch.cat([uniform, in_batch])
+    if n_batch == 0:
+        return ids, None
+    # Mixture sampling probability of each drawn id: (n_u / N + n_b * freq_batch(id)) / R.
+    counts = torch.bincount(batch_item_ids.cpu(), minlength=num_items).to(torch.float64)
+    freq = counts[ids] / batch_item_ids.numel()
+    q = (n_uniform / num_items + n_batch * freq) / num_negatives
+    return ids, torch.log(q * num_negatives).to(torch.float32)
+
+
+NEGATIVE_STRATEGIES = ("uniform", "in_batch", "mixed")

@@ -1,0 +1,236 @@
+"""Multi-channel HSTU (ULTRA-HSTU's Mixture of Transducers): one transducer per sequence feature.
+
+Each channel is an :class:`HSTUTransducer` over its own history (its own KJT key, e.g. clicks
+or long views) followed by the candidates, which all channels share. Every channel encodes
+``[its history | the candidates]`` with its own STU settings (layers, SLA, truncation,
+``fp8_quant_mode``), and the per-candidate outputs are concatenated on the embedding dim.
+
+Input contract (what :meth:`MultiChannelHSTU.forward` reads), with ``B`` requests:
+
+* ``seq_embeddings``: the ``Dict[str, JaggedTensor]`` an ``EmbeddingCollection`` returns. For
+  each channel the key ``channel_name`` (``"uih"`` for a single unnamed channel) holds its
+  history ``[L_c, D]`` with ``B`` lengths (oldest first); the key ``candidate_feature_name``
+  holds the candidates ``[T, D]`` with ``B`` lengths ``num_candidates``. Channels may share an
+  embedding table (several features of one ``EmbeddingConfig``) or not; only the widths must
+  match: history and candidates of a channel are concatenated per request.
+* ``seq_timestamps`` (when a channel uses time encoding or the timestamp postprocessor): the
+  same keys, values ``[L_c]`` / ``[T]`` (seconds; a candidate's timestamp is the request time).
+* ``seq_actions`` (when a channel has an action encoder): the channel keys, ``[L_c]`` int
+  bitmasks; candidates never expose actions (they get the encoder's target embedding).
+* ``contextual_embeddings``: ``[B, C, F]``, shared by the channels that prepend contextual tokens.
+"""
+
+import dataclasses
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from torchrec_hstu.modules.hstu_transducer import (
+    HSTUTransducer,
+    jagged_tensor,
+    jagged_values_lengths,
+)
+from torchrec_hstu.ops.common import is_tracing
+from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets
+
+logger = logging.getLogger(__name__)
+
+#: Embeddings-dict key of a single channel whose name is empty.
+DEFAULT_CHANNEL_NAME = "uih"
+
+JaggedOrTensor = Union[JaggedTensor, torch.Tensor]
+
+
+@dataclasses.dataclass
+class MultiChannelHSTUOutput:
+    """Outputs of :class:`MultiChannelHSTU`.
+
+    Attributes:
+        candidate_embeddings: ``[T, sum_c d_c]`` with the candidates' ``B`` lengths: every
+            channel's candidate output, concatenated in channel order.
+        channel_embeddings: per channel name, its ``[T, d_c]`` candidate output.
+    """
+
+    candidate_embeddings: JaggedTensor
+    channel_embeddings: Dict[str, JaggedTensor]
+
+
+def _values(x: JaggedOrTensor) -> torch.Tensor:
+    return x.values() if isinstance(x, JaggedTensor) else x
+
+
+class MultiChannelHSTU(nn.Module):
+    """N transducers over N histories and one shared set of candidates.
+
+    Args:
+        channels: ``(name, transducer)`` pairs in output order. Names are the keys of the
+            channels' histories in the embeddings dict; with two or more channels they must be
+            unique and non-empty; a single channel may be unnamed (key ``"uih"``).
+        candidate_feature_name: key of the candidate embeddings (and timestamps).
+        max_seq_len: longest ``contextual + history + candidates`` sequence a channel accepts
+            (0: no bound); checked in eager mode and used as the padding bound when tracing.
+
+    Example::
+
+        >>> from torchrec_hstu.modules import HSTUTransducer, STULayer, STUStack
+        >>> def channel():
+        ...     return HSTUTransducer(STUStack([STULayer(8, 2, 4, 4, output_dropout_ratio=0.0)]))
+        >>> mot = MultiChannelHSTU([("clicks", channel()), ("views", channel())])
+        >>> emb = {
+        ...     "clicks": JaggedTensor(values=torch.randn(3, 8), lengths=torch.tensor([1, 2])),
+        ...     "views": JaggedTensor(values=torch.randn(4, 8), lengths=torch.tensor([4, 0])),
+        ...     "candidates": JaggedTensor(values=torch.randn(3, 8), lengths=torch.tensor([2, 1])),
+        ... }
+        >>> mot(emb).candidate_embeddings.values().shape
+        torch.Size([3, 16])
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[Tuple[str, HSTUTransducer]],
+        candidate_feature_name: str = "candidates",
+        max_seq_len: int = 0,
+    ) -> None:
+        super().__init__()
+        channels = list(channels)
+        if len(channels) == 0:
+            raise ValueError("channels must hold at least one (name, HSTUTransducer) pair; got none")
+        names = [name for name, _ in channels]
+        for index, (name, transducer) in enumerate(channels):
+            if not isinstance(name, str):
+                raise ValueError(f"channels[{index}] name must be a str; got {name!r}")
+            if not isinstance(transducer, HSTUTransducer):
+                raise ValueError(
+                    f"channels[{index}] ({name!r}) must be an HSTUTransducer; got {type(transducer).__name__}"
+                )
+        if len(channels) >= 2:
+            for index, name in enumerate(names):
+                if not name:
+                    raise ValueError(
+                        f"channel names must be non-empty with {len(channels)} channels; "
+                        f"channels[{index}] has name {name!r}"
+                    )
+                if names.index(name) != index:
+                    raise ValueError(
+                        f"channel names must be unique; channels[{index}] repeats {name!r} (names: {names})"
+                    )
+        names = [name or DEFAULT_CHANNEL_NAME for name in names]
+        if candidate_feature_name in names:
+            raise ValueError(
+                f"candidate_feature_name {candidate_feature_name!r} must differ from the channel names {names}"
+            )
+        if max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be >= 0 (0: no bound); got {max_seq_len}")
+        self.channel_names: List[str] = names
+        self.channels = nn.ModuleList([transducer for _, transducer in channels])
+        self.candidate_feature_name = candidate_feature_name
+        self.max_seq_len = max_seq_len
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the concatenated candidate embeddings (sum of the channels' dims)."""
+        return sum(channel.embedding_dim for channel in self.channels)
+
+    def channel(self, name: str) -> HSTUTransducer:
+        """The transducer of channel ``name``."""
+        if name not in self.channel_names:
+            raise ValueError(f"no channel named {name!r}; channels: {self.channel_names}")
+        return self.channels[self.channel_names.index(name)]
+
+    def _get(self, inputs: Dict[str, JaggedOrTensor], key: str, argument: str, channel: str) -> JaggedOrTensor:
+        if key not in inputs:
+            raise ValueError(
+                f"{argument} has no key {key!r} (needed by channel {channel!r}); keys: {sorted(inputs)}"
+            )
+        return inputs[key]
+
+    def forward(
+        self,
+        seq_embeddings: Dict[str, JaggedTensor],
+        seq_timestamps: Optional[Dict[str, JaggedOrTensor]] = None,
+        seq_actions: Optional[Dict[str, JaggedOrTensor]] = None,
+        contextual_embeddings: Optional[torch.Tensor] = None,
+    ) -> MultiChannelHSTUOutput:
+        """
+        Args:
+            seq_embeddings: per channel name its history ``[L_c, D]`` JaggedTensor, and under
+                ``candidate_feature_name`` the candidates ``[T, D]`` (``B`` lengths each).
+            seq_timestamps: optional, same keys: ``[L_c]`` / ``[T]`` timestamps (tensor or
+                JaggedTensor); a channel uses them only if both its key and the candidates'
+                are present.
+            seq_actions: optional, channel keys: ``[L_c]`` int action bitmasks.
+            contextual_embeddings: optional ``[B, C, F]`` for channels with contextual tokens.
+
+        Returns:
+            :class:`MultiChannelHSTUOutput`, candidate embeddings ``[T, sum_c d_c]``.
+        """
+        cand_key = self.candidate_feature_name
+        candidates = self._get(seq_embeddings, cand_key, "seq_embeddings", "all")
+        cand_values, num_candidates = jagged_values_lengths(candidates)
+        cand_offsets = lengths_to_offsets(num_candidates)
+        cand_timestamps = None
+        if seq_timestamps is not None and cand_key in seq_timestamps:
+            cand_timestamps = _values(seq_timestamps[cand_key])
+        outputs: Dict[str, JaggedTensor] = {}
+        for name, transducer in zip(self.channel_names, self.channels):
+            history = self._get(seq_embeddings, name, "seq_embeddings", name)
+            hist_values, hist_lengths = jagged_values_lengths(history)
+            if hist_lengths.shape != num_candidates.shape:
+                raise ValueError(
+                    f"seq_embeddings[{name!r}] has {hist_lengths.numel()} sequences but "
+                    f"seq_embeddings[{cand_key!r}] has {num_candidates.numel()}; both must have B lengths"
+                )
+            hist_offsets = lengths_to_offsets(hist_lengths)
+            values = concat_2D_jagged(hist_values, cand_values, hist_offsets, cand_offsets)
+            lengths = hist_lengths.to(torch.int64) + num_candidates.to(torch.int64)
+            timestamps = None
+            if seq_timestamps is not None and name in seq_timestamps:
+                if cand_timestamps is None:
+                    raise ValueError(
+                        f"seq_timestamps has channel {name!r} but not the candidates' key {cand_key!r}"
+                    )
+                timestamps = concat_2D_jagged(
+                    _values(seq_timestamps[name]), cand_timestamps, hist_offsets, cand_offsets
+                )
+            actions = None
+            if seq_actions is not None and name in seq_actions:
+                hist_actions = _values(seq_actions[name])
+                actions = concat_2D_jagged(
+                    hist_actions,
+                    hist_actions.new_zeros(cand_values.shape[0]),
+                    hist_offsets,
+                    cand_offsets,
+                )
+            out = transducer(
+                jagged_tensor(values, lengths_to_offsets(lengths)),
+                seq_timestamps=timestamps,
+                num_targets=num_candidates,
+                contextual_embeddings=contextual_embeddings,
+                seq_actions=actions,
+                max_seq_len=self._channel_max_seq_len(name, transducer, lengths),
+            )
+            outputs[name] = out.candidate_embeddings
+        merged = torch.cat([outputs[name].values() for name in self.channel_names], dim=-1)
+        return MultiChannelHSTUOutput(
+            candidate_embeddings=jagged_tensor(merged, cand_offsets),
+            channel_embeddings=outputs,
+        )
+
+    def _channel_max_seq_len(self, name: str, transducer: HSTUTransducer, lengths: torch.Tensor) -> int:
+        """Longest channel sequence before the contextual prefix (the transducer adds it)."""
+        prefix = transducer.contextual_seq_len
+        if is_tracing():
+            if self.max_seq_len <= 0:
+                raise ValueError("max_seq_len must be > 0 when tracing/exporting MultiChannelHSTU")
+            return max(self.max_seq_len - prefix, 1)
+        longest = int(lengths.max()) if lengths.numel() > 0 else 0
+        if self.max_seq_len > 0 and longest + prefix > self.max_seq_len:
+            raise ValueError(
+                f"channel {name!r}: a sequence has {longest + prefix} tokens (contextual {prefix} + "
+                f"history + candidates), more than max_seq_len={self.max_seq_len}; truncate histories "
+                "to fit or raise max_seq_len"
+            )
+        return max(longest, 1)

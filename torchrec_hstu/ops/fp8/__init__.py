@@ -1,0 +1,52 @@
+"""FP8 HSTU attention (``fp8_quant_mode`` 0..5): quantizers, the exact emulation of the CUTLASS
+kernel, the arch gate, the dispatcher and the ``torchrec_hstu::hstu_fp8_fwd`` export op.
+
+Importing this package registers the export op (needed to run or load an exported program).
+"""
+
+from torchrec_hstu.ops.fp8 import export_op  # noqa: F401  (registers torchrec_hstu::hstu_fp8_fwd)
+from torchrec_hstu.ops.fp8.arch import (
+    FP8BackwardUnsupportedError,
+    check_fp8_quant_mode,
+    check_fp8_support,
+)
+from torchrec_hstu.ops.fp8.dispatch import fp8_hstu_attention
+from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
+from torchrec_hstu.ops.fp8.quantize import (
+    FP8_DTYPE,
+    FP8_MAX,
+    FP8Quantized,
+    FP8TileSizes,
+    quantize_blockwise,
+    quantize_cast,
+    quantize_colwise,
+    quantize_for_mode,
+    quantize_per_sample,
+    quantize_per_sample_head,
+    quantize_per_tensor,
+    quantize_rowwise,
+    quantize_tiles,
+    saturate_to_fp8,
+)
+
+__all__ = [
+    "FP8BackwardUnsupportedError",
+    "FP8Quantized",
+    "FP8TileSizes",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "check_fp8_quant_mode",
+    "check_fp8_support",
+    "fp8_hstu_attention",
+    "fp8_hstu_attention_emulated",
+    "quantize_blockwise",
+    "quantize_cast",
+    "quantize_colwise",
+    "quantize_for_mode",
+    "quantize_per_sample",
+    "quantize_per_sample_head",
+    "quantize_per_tensor",
+    "quantize_rowwise",
+    "quantize_tiles",
+    "saturate_to_fp8",
+]
