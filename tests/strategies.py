@@ -1,21 +1,31 @@
-"""Shared hypothesis strategies and builders for jagged batches."""
+"""Shared hypothesis strategies, builders and independent oracles for jagged batches.
+
+The mask rules here are written from the notes in plain Python (one (query, key) pair at a
+time) and share no code with ``torchrec_hstu``, so tests built on them can fail.
+"""
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 
 
 @dataclass
 class JaggedBatch:
+    """Lengths (contextual prefix and targets included), targets per sequence, prefix ``c``."""
+
     lengths: List[int]
     num_targets: Optional[List[int]]
     contextual_seq_len: int
 
     @property
     def seq_offsets(self) -> torch.Tensor:
-        return torch.tensor([0] + list(torch.tensor(self.lengths).cumsum(0).tolist()), dtype=torch.int64) if self.lengths else torch.zeros(1, dtype=torch.int64)
+        offsets = [0]
+        for n in self.lengths:
+            offsets.append(offsets[-1] + n)
+        return torch.tensor(offsets, dtype=torch.int64)
 
     @property
     def total_len(self) -> int:
@@ -56,3 +66,83 @@ def jagged_batches(
         lengths.append(n)
         targets.append(t)
     return JaggedBatch(lengths=lengths, num_targets=targets if use_targets else None, contextual_seq_len=c)
+
+
+# ------------------------------------------------------------------ mask oracles
+def gr_mask_rule(
+    n: int,
+    targets: Optional[int],
+    c: int,
+    window: int,
+    min_full: int,
+    causal: bool,
+) -> List[List[bool]]:
+    """The generative-recommenders rule, written out per (query i, key j)."""
+    if c > 0:
+        ids = [max(i - c + 1, 0) for i in range(n)]
+        max_id = n - c + 1
+    else:
+        ids = list(range(n))
+        max_id = n
+    if targets is not None:
+        max_id -= targets
+        ids = [min(x, max_id) for x in ids]
+    rows = []
+    for i in range(n):
+        row = []
+        for j in range(n):
+            dist = ids[i] - ids[j]
+            if not causal:
+                dist = abs(dist)
+            ok = i == j or dist > 0
+            if window > 0:
+                ok = ok and (dist <= window or (min_full > 0 and ids[i] >= max_id - min_full))
+            if c > 0 and ids[i] == 0 and ids[j] < max_id:
+                ok = True
+            row.append(ok)
+        rows.append(row)
+    return rows
+
+
+def sla_mask_rule(n: int, targets: Optional[int], c: int, k1: int, k2: int) -> List[List[bool]]:
+    """tzrec's SLA intervals: history p sees [0, min(p+1, K2)) U [max(p-K1+1, K2), p+1);
+    a target sees exactly the history [0, H)."""
+    k2_eff = max(k2, c)
+    history_end = max(n - (targets or 0), 0)
+    rows = []
+    for p in range(n):
+        if p >= history_end:
+            rows.append([j < history_end for j in range(n)])
+            continue
+        lo0, hi0 = 0, min(p + 1, k2_eff)
+        lo1, hi1 = max(p - k1 + 1, k2_eff), p + 1
+        rows.append([(lo0 <= j < hi0) or (lo1 <= j < hi1) for j in range(n)])
+    return rows
+
+
+def oracle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: List[int],
+    alpha: float,
+    divisor: float,
+    mask_fn: Callable[[int, int], List[List[bool]]],
+) -> torch.Tensor:
+    """Per sequence, dense, float64: ``(silu(alpha q k^T) / divisor * mask) @ v``.
+
+    ``q, k: [L, H, Dqk]``, ``v: [L, H, Dv]``; ``mask_fn(b, n)`` gives sequence ``b``'s mask.
+    Differentiable (autograd through plain ops) -> ``[L, H, Dv]`` float64.
+    """
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
+    start = 0
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        qs, ks, vs = (x[start : start + n].double() for x in (q, k, v))
+        mask = torch.tensor(mask_fn(b, n), dtype=torch.float64)  # [n, n]
+        scores = alpha * torch.einsum("ihd,jhd->hij", qs, ks)
+        weights = F.silu(scores) / divisor * mask
+        out[start : start + n] = torch.einsum("hij,jhd->ihd", weights, vs)
+        start += n
+    return out

@@ -6,10 +6,8 @@ truncation rule ``[contextual C | last tail_len history | all targets]`` and the
 divisor ``scaling_seqlen`` (-1: the batch's longest sequence at that layer).
 """
 
-import math
 from typing import List, Optional
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st

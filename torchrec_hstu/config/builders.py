@@ -10,7 +10,7 @@ preprocessor's contextual prefix (0 without one); ``STU.scaling_seqlen = -1`` st
 attention op divides by the batch ``max_seq_len`` at run time.
 """
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 

@@ -219,6 +219,8 @@ class Impressions:
         item_topics: ``[N]`` topic of each item.
         user_preferences: ``[U, num_topics]`` planted click log-odds per topic.
         history_len: ``H``.
+        probabilities: ``[U, S, 2]`` the true P(click), P(long view) of every impression
+            (an oracle ranker's scores).
     """
 
     item_ids: torch.Tensor
@@ -228,6 +230,7 @@ class Impressions:
     item_topics: torch.Tensor
     user_preferences: torch.Tensor
     history_len: int
+    probabilities: torch.Tensor
 
     @property
     def num_users(self) -> int:
@@ -236,11 +239,6 @@ class Impressions:
     @property
     def num_candidates(self) -> int:
         return self.item_ids.shape[1] - self.history_len
-
-    def labels(self) -> torch.Tensor:
-        """``[U, C, 2]`` float (click, long view) of the candidates."""
-        cand = self.actions[:, self.history_len :]
-        return torch.stack([(cand & CLICK) > 0, (cand & LONG_VIEW) > 0], dim=-1).float()
 
 
 def generate_impressions(config: ImpressionConfig = ImpressionConfig()) -> Impressions:
@@ -284,9 +282,11 @@ def generate_impressions(config: ImpressionConfig = ImpressionConfig()) -> Impre
             if by_topic[k].size:
                 items[u, r] = by_topic[k][rng.integers(by_topic[k].size)]
     logits = prefs[np.arange(cfg.num_users)[:, None], topics[items]] + quality[items]
-    click = rng.random(items.shape) < 1.0 / (1.0 + np.exp(-logits))
+    p_click = 1.0 / (1.0 + np.exp(-logits))
+    click = rng.random(items.shape) < p_click
     long_logits = prefs[np.arange(cfg.num_users)[:, None], topics[items]] - 1.0 + 2.0 * quality[items]
-    long_view = click & (rng.random(items.shape) < 1.0 / (1.0 + np.exp(-long_logits)))
+    p_long_given_click = 1.0 / (1.0 + np.exp(-long_logits))
+    long_view = click & (rng.random(items.shape) < p_long_given_click)
     actions = click.astype(np.int64) * CLICK + long_view.astype(np.int64) * LONG_VIEW
     gaps = rng.integers(10, 2 * HOUR, size=(cfg.num_users, steps))
     gaps[:, 0] = 1_600_000_000 + rng.integers(0, 365 * DAY, size=cfg.num_users)
@@ -299,6 +299,9 @@ def generate_impressions(config: ImpressionConfig = ImpressionConfig()) -> Impre
         item_topics=torch.from_numpy(topics.astype(np.int64)),
         user_preferences=torch.from_numpy(prefs.astype(np.float32)),
         history_len=cfg.history_len,
+        probabilities=torch.from_numpy(
+            np.stack([p_click, p_click * p_long_given_click], axis=-1).astype(np.float32)
+        ),
     )
 
 

@@ -107,6 +107,22 @@ class HSTUTransducer(nn.Module):
         self.contextual_seq_len = (
             input_preprocessor.contextual_seq_len() if input_preprocessor is not None else 0
         )
+        if input_preprocessor is not None and input_preprocessor.output_embedding_dim != self.embedding_dim:
+            raise ValueError(
+                f"input_preprocessor.output_embedding_dim={input_preprocessor.output_embedding_dim} "
+                f"must equal the STU embedding_dim={self.embedding_dim}"
+            )
+        if positional_encoder is not None:
+            if positional_encoder.embedding_dim != self.embedding_dim:
+                raise ValueError(
+                    f"positional_encoder.embedding_dim={positional_encoder.embedding_dim} must equal "
+                    f"the STU embedding_dim={self.embedding_dim}"
+                )
+            if positional_encoder.contextual_seq_len != self.contextual_seq_len:
+                raise ValueError(
+                    f"positional_encoder.contextual_seq_len={positional_encoder.contextual_seq_len} "
+                    f"differs from the preprocessor's contextual prefix {self.contextual_seq_len}"
+                )
         for layer in stu_module.layers:
             if layer.attention_options.contextual_seq_len != self.contextual_seq_len:
                 raise ValueError(

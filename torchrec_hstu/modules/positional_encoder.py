@@ -17,7 +17,7 @@ class HSTUPositionalEncoder(nn.Module):
     Position index (counted back from the end of the history): with ``n`` the length, ``T`` the
     targets and ``c`` the contextual prefix, ``high = n - T``; a token at ``i >= c`` gets
     ``min(high - min(i, high) + c, num_position_buckets - 1)`` (every target gets ``c``, the
-    latest history token ``c + 1``), a contextual token gets ``i``.
+    latest history token ``c + 1``), a contextual token gets ``min(i, num_position_buckets - 1)``.
 
     Time bucket: ``dt = max(t_last - t_i, 1e-6) / time_bucket_increments`` with ``t_last`` the
     sequence's last timestamp, bucket ``= clamp(trunc(sqrt(dt) or log(dt)), 0, num_time_buckets)``.
@@ -88,8 +88,8 @@ class HSTUPositionalEncoder(nn.Module):
         high = high[batch_ids]
         c = self.contextual_seq_len
         reversed_index = high - torch.minimum(positions, high) + c
-        reversed_index = torch.clamp(reversed_index, max=self.num_position_buckets - 1)
-        return torch.where(positions < c, positions, reversed_index)
+        index = torch.where(positions < c, positions, reversed_index)
+        return torch.clamp(index, max=self.num_position_buckets - 1)
 
     def time_bucket(self, seq_offsets: torch.Tensor, seq_timestamps: torch.Tensor) -> torch.Tensor:
         """``[L]`` int64 time-table rows."""

@@ -30,7 +30,7 @@ class L2NormPostprocessor(OutputPostprocessor):
 
 
 class LayerNormPostprocessor(OutputPostprocessor):
-    """LayerNorm over the embedding dim."""
+    """LayerNorm over the embedding dim (in the norm's dtype, returned in the input's)."""
 
     def __init__(self, embedding_dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ class LayerNormPostprocessor(OutputPostprocessor):
     def forward(
         self, seq_embeddings: torch.Tensor, seq_timestamps: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        return self.norm(seq_embeddings.to(self.norm.weight.dtype))
+        return self.norm(seq_embeddings.to(self.norm.weight.dtype)).to(seq_embeddings.dtype)
 
 
 class TimestampLayerNormPostprocessor(OutputPostprocessor):

@@ -292,16 +292,17 @@ class STUStack(nn.Module):
         cache: Dict[str, Any] = {}
         for index, layer in enumerate(self.layers):
             if index > 0 and index == self.attn_truncation_split_layer:
+                # Targets are kept whatever the mask options: the transducer splits them off.
                 plan = compute_truncation_plan(
                     x_offsets,
-                    num_targets if layer.config.target_aware else None,
+                    num_targets,
                     self.attn_truncation_tail_len,
                     contextual_seq_len=layer.attention_options.contextual_seq_len,
                     max_seq_len=max_seq_len,
                 )
                 x = plan.apply(x)
                 x_offsets = plan.new_offsets
-                max_seq_len = max(plan.new_max_seq_len, 1)
+                max_seq_len = torch.sym_max(plan.new_max_seq_len, 1)
                 cache = {}
             x = layer(x, x_offsets, max_seq_len, num_targets, attention_cache=cache)
         return STUStackOutput(x=x, x_offsets=x_offsets, max_seq_len=max_seq_len, truncation_plan=plan)

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, is_tracing
 from torchrec_hstu.ops.hstu_attention import hstu_attention
 
 
 def _maybe_checkpoint(enabled: bool, fn, *args):
     # Recompute in backward instead of saving activations (the anchors' recompute_* flags).
-    if enabled and torch.is_grad_enabled() and any(
+    # Not while tracing: an exported graph has no backward to recompute in.
+    if enabled and not is_tracing() and torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args
     ):
         return checkpoint(fn, *args, use_reentrant=False)
@@ -179,7 +180,8 @@ def hstu_compute_output(
 ) -> torch.Tensor:
     """``x + dropout([u, attn, u * Norm(attn)]) @ output_weight`` (residual, no bias).
 
-    The norm and product are computed in float32 and cast back to ``x``'s dtype.
+    The norm and product are computed in float32 (float64 for float64 inputs) and cast back
+    to ``x``'s dtype.
 
     Args:
         attn: ``[L, H * hidden_dim]`` attention output.
@@ -198,14 +200,18 @@ def hstu_compute_output(
         ``[L, d]``.
     """
 
+    # float32 for half precision, float64 stays float64.
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+
     def compute_y(attn_: torch.Tensor, u_: torch.Tensor) -> torch.Tensor:
-        a32, u32 = attn_.float(), u_.float()
+        a32, u32 = attn_.to(compute_dtype), u_.to(compute_dtype)
+        weight, bias = norm_weight.to(compute_dtype), norm_bias.to(compute_dtype)
         if use_group_norm:
             normed = F.group_norm(
-                a32.reshape(-1, num_heads, hidden_dim), num_heads, norm_weight.float(), norm_bias.float(), norm_eps
+                a32.reshape(-1, num_heads, hidden_dim), num_heads, weight, bias, norm_eps
             ).reshape(-1, num_heads * hidden_dim)
         else:
-            normed = F.layer_norm(a32, (a32.shape[-1],), norm_weight.float(), norm_bias.float(), norm_eps)
+            normed = F.layer_norm(a32, (a32.shape[-1],), weight, bias, norm_eps)
         y = torch.cat([u32, a32, u32 * normed], dim=1)
         return F.dropout(y, p=dropout_ratio, training=training).to(x.dtype)
 

@@ -21,7 +21,9 @@ class TruncationPlan:
 
     Attributes:
         new_offsets: ``[B + 1]`` offsets after truncation.
-        new_max_seq_len: longest sequence after truncation (int).
+        new_max_seq_len: longest sequence after truncation (int; the exact maximum, also
+            under tracing, so ``scaling_seqlen=-1`` divides by the same value in eager and
+            exported models).
         keep_index: ``[L_new]`` index of the kept tokens in the old values.
         dropped: ``[B]`` tokens dropped per sequence.
     """
@@ -50,8 +52,8 @@ def compute_truncation_plan(
         num_targets: optional ``[B]`` (``None``: the whole sequence after the prefix is history).
         tail_len: history tokens kept (the most recent ones).
         contextual_seq_len: contextual prefix length ``C`` (kept).
-        max_seq_len: the batch max length before truncation; under tracing the new max is
-            bounded by ``min(max_seq_len, C + tail_len + max targets)`` without a host sync.
+        max_seq_len: the batch max length before truncation (optional); under tracing it
+            bounds the (symbolic) new maximum for the compiler.
 
     Returns:
         :class:`TruncationPlan`.
@@ -68,8 +70,13 @@ def compute_truncation_plan(
     new_lengths = lengths - dropped
     new_offsets = lengths_to_offsets(new_lengths)
     if is_tracing():
-        total_new = int(new_offsets[-1].item())
-        new_max_seq_len = max_seq_len if max_seq_len is not None else int(new_lengths.max().item())
+        # Data-dependent sizes stay symbolic (unbacked) under torch.export.
+        total_new = new_offsets[-1].item()
+        torch._check(total_new >= 0)
+        new_max_seq_len = new_lengths.max().item()
+        torch._check(new_max_seq_len >= 0)
+        if max_seq_len is not None:
+            torch._check(new_max_seq_len <= max_seq_len)
     else:
         total_new = int(new_offsets[-1])
         new_max_seq_len = int(new_lengths.max()) if new_lengths.numel() > 0 else 0

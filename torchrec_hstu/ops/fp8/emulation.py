@@ -85,12 +85,12 @@ def _plan_groups(
     groups: List[_Group] = []
     for seq_ids, padded_len in _attention_plan(offsets, max_seq_len, None):
         padded_len = _round_up(padded_len, tiles.padding_multiple)
-        lengths = seq_lengths[seq_ids]
-        index = _gather_index(offsets[:-1][seq_ids], lengths, padded_len, total_len)
+        lengths = seq_lengths.index_select(0, seq_ids)
+        index = _gather_index(offsets[:-1].index_select(0, seq_ids), lengths, padded_len, total_len)
         if func is not None:
             mask = _func_mask(func, index, lengths)
         else:
-            targets = None if num_targets is None else num_targets.to(torch.int64)[seq_ids]
+            targets = None if num_targets is None else num_targets.to(torch.int64).index_select(0, seq_ids)
             mask = build_mask(options, lengths, padded_len, targets).unsqueeze(1)
         # Padded query rows must not reach any tile's amax.
         rows = torch.arange(padded_len, device=index.device)
@@ -99,19 +99,29 @@ def _plan_groups(
     return groups
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor, pad_value: float, dtype: torch.dtype) -> torch.Tensor:
-    """Jagged ``[L, H, D]`` -> padded ``[b, H, N, D]`` in ``dtype`` (padded slots ``pad_value``)."""
-    x = x.to(dtype)
-    padded = torch.cat([x, x.new_full((1,) + tuple(x.shape[1:]), pad_value)])
-    return padded[index].transpose(1, 2)
+class _PaddedOperand:
+    """A quantized jagged operand with one padding row appended (values 0, descale 1), gathered
+    per group into ``[b, H, N, D]``: values in float64 (exact), descales in float32."""
 
+    def __init__(self, quantized: FP8Quantized) -> None:
+        self.values = self._pad(quantized.values.to(torch.float64), 0.0)
+        self.descale = self._pad(quantized.token_descale.float(), 1.0)
 
-def _values(quantized: FP8Quantized, index: torch.Tensor) -> torch.Tensor:
-    return _gather(quantized.values, index, 0.0, torch.float64)
+    @staticmethod
+    def _pad(x: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.cat([x, x.new_full((1,) + tuple(x.shape[1:]), value)])
 
+    @staticmethod
+    def _gather(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # index_select: advanced indexing is far slower on small CPU tensors.
+        rows = padded.index_select(0, index.reshape(-1))
+        return rows.view(tuple(index.shape) + tuple(padded.shape[1:])).transpose(1, 2)
 
-def _descales(quantized: FP8Quantized, index: torch.Tensor) -> torch.Tensor:
-    return _gather(quantized.token_descale, index, 1.0, torch.float32)
+    def values_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self._gather(self.values, index)
+
+    def descale_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self._gather(self.descale, index)
 
 
 def _exact_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,20 +175,21 @@ def _forward(
     tiles: FP8TileSizes,
 ) -> torch.Tensor:
     total_len, num_heads, dim_v = v.shape
-    q_q = quantize_for_mode(q, seq_offsets, mode, tiles.fwd_block_m, chunk=tiles.colwise_chunk)
-    k_q = quantize_for_mode(k, seq_offsets, mode, tiles.fwd_block_n, chunk=tiles.colwise_chunk)
-    v_q = quantize_for_mode(v, seq_offsets, mode, tiles.fwd_block_n, colwise=True, chunk=tiles.colwise_chunk)
+    chunk = tiles.colwise_chunk
+    q_q = _PaddedOperand(quantize_for_mode(q, seq_offsets, mode, tiles.fwd_block_m, chunk=chunk))
+    k_q = _PaddedOperand(quantize_for_mode(k, seq_offsets, mode, tiles.fwd_block_n, chunk=chunk))
+    v_q = _PaddedOperand(quantize_for_mode(v, seq_offsets, mode, tiles.fwd_block_n, colwise=True, chunk=chunk))
     rows, bn = tiles.fwd_p_rows, tiles.fwd_block_n
     outputs = []
     for index, _, mask in groups:
         b, n = index.shape
-        s = _scores(_values(q_q, index), _values(k_q, index), _descales(q_q, index), _descales(k_q, index), alpha)
+        s = _scores(q_q.values_at(index), k_q.values_at(index), q_q.descale_at(index), k_q.descale_at(index), alpha)
         p = torch.where(mask, _silu(s), 0.0)
         p8, p_scale = quantize_tiles(p, rows, bn, scaled=mode != 0)
         tiles_n = n // bn
-        v8 = _values(v_q, index).reshape(b, num_heads, tiles_n, bn, dim_v)
+        v8 = v_q.values_at(index).reshape(b, num_heads, tiles_n, bn, dim_v)
         partial = torch.einsum("bhmtk,bhtkd->bhmtd", p8.double().reshape(b, num_heads, n, tiles_n, bn), v8).float()
-        v_descale = _descales(v_q, index)[:, :, ::bn]  # [b, H, tiles_n, Dv or 1]: the tile's descale
+        v_descale = v_q.descale_at(index)[:, :, ::bn]  # [b, H, tiles_n, Dv or 1]: the tile's descale
         scale = p_scale.repeat_interleave(rows, dim=2).unsqueeze(-1) * v_descale.unsqueeze(2)
         outputs.append((index, (partial * scale).sum(dim=3) / scaling_seqlen))
     return _scatter_rows(outputs, total_len, num_heads, dim_v, v.device)
@@ -200,45 +211,46 @@ def _backward(
     dim_v = v.shape[2]
     bm, bn, chunk = tiles.bwd_block_m, tiles.bwd_block_n, tiles.colwise_chunk
 
-    def quant(x: torch.Tensor, block: int) -> Tuple[FP8Quantized, FP8Quantized]:
-        row = quantize_for_mode(x, seq_offsets, mode, block, chunk=chunk)
-        col = quantize_for_mode(x, seq_offsets, mode, block, colwise=True, chunk=chunk) if mode == 1 else row
-        return row, col
+    def quant(x: torch.Tensor, block: int) -> Tuple[_PaddedOperand, _PaddedOperand]:
+        row = _PaddedOperand(quantize_for_mode(x, seq_offsets, mode, block, chunk=chunk))
+        if mode != 1:
+            return row, row
+        return row, _PaddedOperand(quantize_for_mode(x, seq_offsets, mode, block, colwise=True, chunk=chunk))
 
     q_r, q_c = quant(q, bm)
     do_r, do_c = quant(dout, bm)
     k_r, k_c = quant(k, bn)
-    v_r = quantize_for_mode(v, seq_offsets, mode, bn, chunk=chunk)
+    v_r = _PaddedOperand(quantize_for_mode(v, seq_offsets, mode, bn, chunk=chunk))
     grad_scale = alpha / scaling_seqlen
     dqs, dks, dvs = [], [], []
     for index, _, mask in groups:
         b, n = index.shape
         tiles_m, tiles_n = n // bm, n // bn
-        s = _scores(_values(q_r, index), _values(k_r, index), _descales(q_r, index), _descales(k_r, index), alpha)
+        s = _scores(q_r.values_at(index), k_r.values_at(index), q_r.descale_at(index), k_r.descale_at(index), alpha)
         p, dsilu = _silu_and_derivative(s)
         p = torch.where(mask, p, 0.0)
         p8, p_scale = quantize_tiles(p, bm, bn, scaled=mode != 0)
-        dp = _scores(_values(do_r, index), _values(v_r, index), _descales(do_r, index), _descales(v_r, index), 1.0)
+        dp = _scores(do_r.values_at(index), v_r.values_at(index), do_r.descale_at(index), v_r.descale_at(index), 1.0)
         ds = torch.where(mask, dp * dsilu, 0.0)
         ds8, ds_scale = quantize_tiles(ds, bm, bn, scaled=mode != 0)
         # Products along queries (dV, dK): per query tile m, scaled by the tile's column descale.
         p8_m = p8.double().reshape(b, num_heads, tiles_m, bm, n)
         ds8_m = ds8.double().reshape(b, num_heads, tiles_m, bm, n)
-        do8_m = _values(do_c, index).reshape(b, num_heads, tiles_m, bm, dim_v)
-        q8_m = _values(q_c, index).reshape(b, num_heads, tiles_m, bm, dim_qk)
+        do8_m = do_c.values_at(index).reshape(b, num_heads, tiles_m, bm, dim_v)
+        q8_m = q_c.values_at(index).reshape(b, num_heads, tiles_m, bm, dim_qk)
         p_scale_cols = p_scale.repeat_interleave(bn, dim=-1).unsqueeze(-1)  # [b, H, tiles_m, N, 1]
         ds_scale_cols = ds_scale.repeat_interleave(bn, dim=-1).unsqueeze(-1)
-        do_descale = _descales(do_c, index)[:, :, ::bm].unsqueeze(3)  # [b, H, tiles_m, 1, Dv or 1]
-        q_descale = _descales(q_c, index)[:, :, ::bm].unsqueeze(3)
+        do_descale = do_c.descale_at(index)[:, :, ::bm].unsqueeze(3)  # [b, H, tiles_m, 1, Dv or 1]
+        q_descale = q_c.descale_at(index)[:, :, ::bm].unsqueeze(3)
         dv_part = torch.einsum("bhtmn,bhtmd->bhtnd", p8_m, do8_m).float()
         dv = (dv_part * (p_scale_cols * do_descale)).sum(dim=2) / scaling_seqlen
         dk_part = torch.einsum("bhtmn,bhtmd->bhtnd", ds8_m, q8_m).float()
         dk = (dk_part * (ds_scale_cols * q_descale)).sum(dim=2) * grad_scale
         # dQ: per key tile n, scaled by the tile's k column descale.
         ds8_n = ds8.double().reshape(b, num_heads, n, tiles_n, bn)
-        k8_n = _values(k_c, index).reshape(b, num_heads, tiles_n, bn, dim_qk)
+        k8_n = k_c.values_at(index).reshape(b, num_heads, tiles_n, bn, dim_qk)
         ds_scale_rows = ds_scale.repeat_interleave(bm, dim=2).unsqueeze(-1)  # [b, H, N, tiles_n, 1]
-        k_descale = _descales(k_c, index)[:, :, ::bn].unsqueeze(2)  # [b, H, 1, tiles_n, Dqk or 1]
+        k_descale = k_c.descale_at(index)[:, :, ::bn].unsqueeze(2)  # [b, H, 1, tiles_n, Dqk or 1]
         dq_part = torch.einsum("bhmtk,bhtkd->bhmtd", ds8_n, k8_n).float()
         dq = (dq_part * (ds_scale_rows * k_descale)).sum(dim=3) * grad_scale
         dqs.append((index, dq))

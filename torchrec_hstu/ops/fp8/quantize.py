@@ -141,6 +141,7 @@ def _group_amax(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int) 
 
 
 def _quantize(x: torch.Tensor, token_descale: torch.Tensor) -> torch.Tensor:
+    # (Gathers in this module use index_select: advanced indexing is slow on small CPU tensors.)
     return (x.float() / token_descale).to(FP8_DTYPE)
 
 
@@ -165,7 +166,7 @@ def sequence_block_ids(
     lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
     block_offsets = lengths_to_offsets(torch.div(lengths + block_size - 1, block_size, rounding_mode="floor"))
     batch_ids, positions = jagged_token_positions(seq_offsets.to(torch.int64), total_len)
-    block_ids = block_offsets[batch_ids] + torch.div(positions, block_size, rounding_mode="floor")
+    block_ids = block_offsets.index_select(0, batch_ids) + torch.div(positions, block_size, rounding_mode="floor")
     bound = (total_len + batch_size * (block_size - 1)) // block_size
     return block_ids, block_offsets, bound
 
@@ -219,7 +220,7 @@ def quantize_colwise(
     _check_jagged(x)
     block_ids, block_offsets, bound = sequence_block_ids(seq_offsets, x.shape[0], chunk)
     descale = descale_from_amax(_group_amax(x.abs().float(), block_ids, bound))
-    token_descale = descale[block_ids]
+    token_descale = descale.index_select(0, block_ids)
     return FP8Quantized(_quantize(x, token_descale), descale, token_descale, block_offsets)
 
 
@@ -239,7 +240,7 @@ def quantize_blockwise(x: torch.Tensor, seq_offsets: torch.Tensor, block_size: i
     block_ids, block_offsets, bound = sequence_block_ids(seq_offsets, x.shape[0], block_size)
     token_amax = _token_head_amax(x)
     descale = descale_from_amax(_group_amax(token_amax, block_ids, bound))
-    token_descale = descale[block_ids].unsqueeze(-1)
+    token_descale = descale.index_select(0, block_ids).unsqueeze(-1)
     return FP8Quantized(_quantize(x, token_descale), descale, token_descale, block_offsets)
 
 
@@ -262,7 +263,7 @@ def quantize_per_sample_head(x: torch.Tensor, seq_offsets: torch.Tensor) -> FP8Q
     _check_jagged(x)
     batch_ids, _ = jagged_token_positions(seq_offsets.to(torch.int64), x.shape[0])
     descale = descale_from_amax(_group_amax(_token_head_amax(x), batch_ids, seq_offsets.numel() - 1))
-    token_descale = descale[batch_ids].unsqueeze(-1)
+    token_descale = descale.index_select(0, batch_ids).unsqueeze(-1)
     return FP8Quantized(_quantize(x, token_descale), descale, token_descale)
 
 
@@ -281,7 +282,7 @@ def quantize_per_sample(x: torch.Tensor, seq_offsets: torch.Tensor) -> FP8Quanti
     token_amax = _token_head_amax(x)
     token_amax = token_amax.amax(dim=1) if x.shape[1] > 0 else token_amax.new_zeros(x.shape[0])
     descale = descale_from_amax(_group_amax(token_amax, batch_ids, seq_offsets.numel() - 1))
-    token_descale = descale[batch_ids].view(-1, 1, 1).expand(x.shape[0], x.shape[1], 1)
+    token_descale = descale.index_select(0, batch_ids).view(-1, 1, 1).expand(x.shape[0], x.shape[1], 1)
     return FP8Quantized(_quantize(x, token_descale), descale, token_descale)
 
 

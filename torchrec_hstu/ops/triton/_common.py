@@ -15,6 +15,7 @@ Mask modes (``MASK_MODE`` constexpr):
 * ``MASK_GR_CAUSAL``: the generative-recommenders id rule, causal, every feature at run time.
 * ``MASK_GR_FULL``: the same rule, non-causal.
 * ``MASK_SLA``: Semi-Local Attention (``sla_k1`` / ``sla_k2``).
+* ``MASK_PLAIN_FULL``: non-causal, no targets, no contextual prefix, no window: all keys.
 
 The id rule (see :func:`torchrec_hstu.ops.masks.hstu_attention_mask`) is evaluated with
 ``id(p) = min(max(p - c + 1, 0), maxid)`` and ``maxid = n - c + 1 - T`` also when ``c == 0``:
@@ -31,6 +32,7 @@ MASK_PLAIN_CAUSAL = 0
 MASK_GR_CAUSAL = 1
 MASK_GR_FULL = 2
 MASK_SLA = 3
+MASK_PLAIN_FULL = 4
 
 
 def interpret_mode() -> bool:
@@ -44,7 +46,8 @@ def mask_mode(causal: bool, use_sla: bool, has_targets: bool, contextual_seq_len
     if use_sla:
         return MASK_SLA
     if not causal:
-        return MASK_GR_FULL
+        plain = not has_targets and contextual_seq_len == 0 and max_attn_len == 0
+        return MASK_PLAIN_FULL if plain else MASK_GR_FULL
     if not has_targets and contextual_seq_len == 0 and max_attn_len == 0:
         return MASK_PLAIN_CAUSAL
     return MASK_GR_CAUSAL
@@ -112,6 +115,8 @@ def valid_mask(rows, cols, n, T, c, W, M, sla_k1, K2, MASK_MODE: tl.constexpr):
     col_in = cols < n
     if MASK_MODE == 0:
         valid = (cols <= rows) & col_in
+    elif MASK_MODE == 4:
+        valid = col_in & (rows >= 0)
     elif MASK_MODE == 3:
         hist_end = tl.maximum(n - T, 0)
         hist_rule = (cols <= rows) & ((cols < K2) | (cols >= rows - sla_k1 + 1))
@@ -181,6 +186,11 @@ def fwd_tile_ranges(m0, n, T, c, W, M, sla_k1, K2, MASK_MODE: tl.constexpr,
         tb1 = _align_up(n, BLOCK_N)
         ti0 = tb1
         ti1 = tb1
+    elif MASK_MODE == 4:
+        tb0 = 0
+        ti0 = 0
+        ti1 = _align_down(n, BLOCK_N)
+        tb1 = _align_up(n, BLOCK_N)
     else:
         hist_end = tl.maximum(n - T, 0)
         has_target_rows = m1e > hist_end
@@ -231,6 +241,12 @@ def bwd_tile_ranges(n0, n, T, c, W, M, sla_k1, K2, MASK_MODE: tl.constexpr,
         tb1 = _align_up(n, BLOCK_M)
         ti0 = tb1
         ti1 = tb1
+    elif MASK_MODE == 4:
+        # Keys past n (a partial last block) are zero-filled: they contribute nothing.
+        tb0 = 0
+        ti0 = 0
+        ti1 = _align_down(n, BLOCK_M)
+        tb1 = _align_up(n, BLOCK_M)
     else:
         hist_end = tl.maximum(n - T, 0)
         a_hi = tl.where(n0 < K2, hist_end, tl.minimum(n1e - 1 + sla_k1, hist_end))

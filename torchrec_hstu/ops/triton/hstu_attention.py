@@ -155,7 +155,7 @@ def _bwd_tile(
     stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1, K2, half_alpha,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_MODE: tl.constexpr, MASKED: tl.constexpr, FAST_SILU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
 ):
     rows = m0 + offs_m
     row_in = rows < n
@@ -172,19 +172,23 @@ def _bwd_tile(
     # Transposed scores: rows of sT are keys, columns are queries.
     sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
     pT, sigT = silu_and_sigmoid(sT, half_alpha, FAST_SILU)
-    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-    # d silu(x) / dx = sig + silu * (1 - sig); alpha / scaling_seqlen is applied at the end.
-    dsT = dpT * (sigT + pT * (1.0 - sigT))
     if MASKED:
         valid = valid_mask(rows[None, :], offs_n[:, None], n, T, c, W, M, sla_k1, K2, MASK_MODE)
-        pT = tl.where(valid, pT, 0.0)
-        dsT = tl.where(valid, dsT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-    ds16T = dsT.to(q.dtype)
-    dk = tl.dot(ds16T, q, dk, input_precision=INPUT_PRECISION)
-    dq = tl.dot(tl.trans(ds16T), k, input_precision=INPUT_PRECISION)
-    tl.atomic_add(dq_ptrs + m0 * stride_dqm, dq,
-                  mask=row_in[:, None] & (offs_dqk[None, :] < DQK), sem="relaxed")
+    if COMPUTE_DKDQ:
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        # d silu(x) / dx = sig + silu * (1 - sig); alpha / scaling_seqlen is applied at the end.
+        dsT = dpT * (sigT + pT * (1.0 - sigT))
+        if MASKED:
+            dsT = tl.where(valid, dsT, 0.0)
+        ds16T = dsT.to(q.dtype)
+        dk = tl.dot(ds16T, q, dk, input_precision=INPUT_PRECISION)
+        dq = tl.dot(tl.trans(ds16T), k, input_precision=INPUT_PRECISION)
+        tl.atomic_add(dq_ptrs + m0 * stride_dqm, dq,
+                      mask=row_in[:, None] & (offs_dqk[None, :] < DQK), sem="relaxed")
+    if COMPUTE_DV:
+        if MASKED:
+            pT = tl.where(valid, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
@@ -200,7 +204,7 @@ def _hstu_bwd_kernel(
     DQK: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, FAST_SILU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     # First key block first: under a causal mask it is seen by the most queries.
@@ -228,8 +232,15 @@ def _hstu_bwd_kernel(
     q_ptrs = Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :]
     do_ptrs = DO + start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
     dq_ptrs = DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :]
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # A program that computes only one of (dV) and (dK, dQ) keeps a 1 x 1 dummy for the other.
+    if COMPUTE_DKDQ:
+        dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    else:
+        dk = tl.zeros([1, 1], dtype=tl.float32)
+    if COMPUTE_DV:
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    else:
+        dv = tl.zeros([1, 1], dtype=tl.float32)
     ta0, ta1, tb0, ti0, ti1, tb1 = bwd_tile_ranges(
         n0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
     # The column mask (keys >= n) is part of valid_mask; interior tiles only exist for full
@@ -238,28 +249,30 @@ def _hstu_bwd_kernel(
         dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
                            offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
                            K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                           FAST_SILU, INPUT_PRECISION)
+                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
     for m0 in range(tb0, ti0, BLOCK_M):
         dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
                            offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
                            K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                           FAST_SILU, INPUT_PRECISION)
+                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
     for m0 in range(ti0, ti1, BLOCK_M):
         dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
                            offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
                            K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, False,
-                           FAST_SILU, INPUT_PRECISION)
+                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
     for m0 in range(ti1, tb1, BLOCK_M):
         dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
                            offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
                            K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                           FAST_SILU, INPUT_PRECISION)
+                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
     dk_ptrs = DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm + offs_dqk[None, :]
     dv_ptrs = DV + start * stride_dvm + h * stride_dvh + offs_n[:, None] * stride_dvm + offs_dv[None, :]
-    tl.store(dk_ptrs, (dk * dk_scale).to(DK.dtype.element_ty),
-             mask=col_in[:, None] & (offs_dqk[None, :] < DQK))
-    tl.store(dv_ptrs, (dv * dv_scale).to(DV.dtype.element_ty),
-             mask=col_in[:, None] & (offs_dv[None, :] < DV_DIM))
+    if COMPUTE_DKDQ:
+        tl.store(dk_ptrs, (dk * dk_scale).to(DK.dtype.element_ty),
+                 mask=col_in[:, None] & (offs_dqk[None, :] < DQK))
+    if COMPUTE_DV:
+        tl.store(dv_ptrs, (dv * dv_scale).to(DV.dtype.element_ty),
+                 mask=col_in[:, None] & (offs_dv[None, :] < DV_DIM))
 
 
 # --------------------------------------------------------------------------------------
@@ -280,6 +293,9 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: Backward only: one launch for dV and one for (dK, dQ), each holding one accumulator
+    #: (recomputes q k^T once more; pays off when two [block_n, D] fp32 accumulators spill).
+    split_bwd: bool = False
 
 
 #: Sequences at least this long (batch ``max_seq_len``) trigger autotuning of their shape class.
@@ -318,13 +334,13 @@ def bwd_candidates(block_dqk: int, block_dv: int, dtype: torch.dtype) -> List[Ke
     if dtype == torch.float32:
         return [KernelConfig(32, 32, 4, 2), KernelConfig(16, 32, 4, 2)]
     if wide <= 64:
-        return [KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 4, 3),
-                KernelConfig(64, 64, 4, 3)]
+        return [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2),
+                KernelConfig(32, 128, 4, 3)]
     if wide <= 128:
-        return [KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 8, 3),
-                KernelConfig(64, 64, 4, 3), KernelConfig(32, 64, 4, 3)]
-    return [KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2),
-            KernelConfig(64, 64, 8, 1), KernelConfig(32, 128, 8, 2)]
+        return [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2),
+                KernelConfig(32, 64, 4, 3), KernelConfig(64, 128, 8, 2, split_bwd=True)]
+    return [KernelConfig(64, 64, 8, 2, split_bwd=True), KernelConfig(32, 64, 4, 2, split_bwd=True),
+            KernelConfig(64, 128, 8, 2, split_bwd=True), KernelConfig(32, 64, 4, 2)]
 
 
 def _seq_class(max_seq_len: int) -> int:
@@ -500,8 +516,7 @@ def hstu_bwd(
     block_dqk, block_dv = _block_dim(dqk), _block_dim(dv_dim)
     scale = 1.0 / scaling_seqlen
 
-    def run(cfg: KernelConfig) -> None:
-        dq_acc.zero_()
+    def launch(cfg: KernelConfig, compute_dv: bool, compute_dkdq: bool) -> None:
         grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_n))
         _hstu_bwd_kernel[grid](
             q, k, v, dout, dq_acc, dk, dv, seq_offsets,
@@ -516,8 +531,17 @@ def hstu_bwd(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets, FAST_SILU=_fast_silu(q.dtype),
             INPUT_PRECISION=_input_precision(q.dtype),
+            COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    def run(cfg: KernelConfig) -> None:
+        dq_acc.zero_()
+        if cfg.split_bwd:
+            launch(cfg, True, False)
+            launch(cfg, False, True)
+        else:
+            launch(cfg, True, True)
 
     if config is None:
         key = ("bwd", q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))

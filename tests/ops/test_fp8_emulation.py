@@ -1,0 +1,306 @@
+"""The FP8 emulation (forward and backward) against a straightforward per-sequence, per-head,
+per-tile loop written here from the kernel description (anchor-cutlass-fp8.md section 7).
+
+The oracle shares only the mask functions (ops.masks) with the code under test. fp8 GEMMs are
+done in float64 (exact) and rounded once, silu in float64, as the definition says; what may
+differ is the float32 order of accumulating tiles, hence the tight tolerances.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import pytest
+import torch
+
+from torchrec_hstu.modules.stu import STULayer
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
+from torchrec_hstu.ops.cutlass import build_sla_func_tensor
+from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
+from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
+from torchrec_hstu.ops.hstu_attention import hstu_attention
+from torchrec_hstu.ops.masks import hstu_attention_mask, sla_attention_mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+E4M3 = torch.float8_e4m3fn
+SMALL_TILES = FP8TileSizes(
+    fwd_block_m=16, fwd_block_n=8, fwd_p_rows=4, bwd_block_m=8, bwd_block_n=16, colwise_chunk=16
+)
+
+
+# ----------------------------------------------------------------------------- oracle
+def descale(amax) -> torch.Tensor:
+    return torch.clamp(torch.as_tensor(amax, dtype=torch.float32) / 448.0, min=1e-6)
+
+
+def oracle_quantize(x: torch.Tensor, lengths: List[int], mode: int, block: int, colwise: bool, chunk: int):
+    """(values as float64 [L, H, D], descale per element float32 [L, H, D]) by explicit loops."""
+    xf = x.float()
+    total, heads, dim = x.shape
+    d = torch.ones(total, heads, dim)
+    starts = [sum(lengths[:b]) for b in range(len(lengths))]
+    if mode == 5:
+        d[:] = descale(xf.abs().max() if total else 0.0)
+    for start, n in zip(starts, lengths):
+        if n == 0 or mode in (0, 5):
+            continue
+        seq = slice(start, start + n)
+        if mode == 4:
+            d[seq] = descale(xf[seq].abs().max())
+        for h in range(heads):
+            if mode == 3:
+                d[seq, h] = descale(xf[seq, h].abs().max())
+            elif mode == 2:
+                for b0 in range(0, n, block):
+                    blk = slice(start + b0, start + min(n, b0 + block))
+                    d[blk, h] = descale(xf[blk, h].abs().max())
+            elif mode == 1 and colwise:
+                for c0 in range(0, n, chunk):
+                    blk = slice(start + c0, start + min(n, c0 + chunk))
+                    for j in range(dim):
+                        d[blk, h, j] = descale(xf[blk, h, j].abs().max())
+            elif mode == 1:
+                for t in range(start, start + n):
+                    d[t, h] = descale(xf[t, h].abs().max())
+    values = x.to(E4M3) if mode == 0 else (xf / d).to(E4M3)
+    return values.double(), d
+
+
+def tile_quant(x: torch.Tensor, mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    if mode == 0:
+        return x.clamp(-448, 448).to(E4M3).double(), torch.tensor(1.0)
+    s = descale(x.abs().max())
+    return (x / s).clamp(-448, 448).to(E4M3).double(), s
+
+
+def sequence_mask(options: AttentionOptions, n: int, targets: Optional[int]) -> torch.Tensor:
+    lengths = torch.tensor([n])
+    nt = None if targets is None else torch.tensor([targets])
+    if options.use_sla:
+        return sla_attention_mask(lengths, n, options.sla_k1, options.sla_k2, nt, options.contextual_seq_len)[0]
+    return hstu_attention_mask(
+        lengths, n, options.causal, nt, options.max_attn_len, options.contextual_seq_len,
+        options.min_full_attn_seq_len,
+    )[0]
+
+
+def silu64(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    s64 = s.double()
+    sig = torch.sigmoid(s64)
+    return (s64 * sig).float(), (sig * (1 + s64 * (1 - sig))).float()
+
+
+def oracle(q, k, v, dout, lengths, max_seq_len, alpha, options, num_targets, tiles: FP8TileSizes):
+    mode = options.fp8_quant_mode
+    scaling = options.resolve_scaling_seqlen(max_seq_len)
+    chunk = tiles.colwise_chunk
+    total, heads, dq_dim = q.shape
+    out = torch.zeros(total, heads, v.shape[2])
+    dq, dk, dv = torch.zeros_like(out[..., :dq_dim]), torch.zeros_like(out[..., :dq_dim]), torch.zeros_like(out)
+    # forward operands
+    fq, fqd = oracle_quantize(q, lengths, mode, tiles.fwd_block_m, False, chunk)
+    fk, fkd = oracle_quantize(k, lengths, mode, tiles.fwd_block_n, False, chunk)
+    fv, fvd = oracle_quantize(v, lengths, mode, tiles.fwd_block_n, True, chunk)
+    # backward operands: row-wise for S / dP, column-wise for the products along tokens
+    bq, bqd = oracle_quantize(q, lengths, mode, tiles.bwd_block_m, False, chunk)
+    bk, bkd = oracle_quantize(k, lengths, mode, tiles.bwd_block_n, False, chunk)
+    bv, bvd = oracle_quantize(v, lengths, mode, tiles.bwd_block_n, False, chunk)
+    bo, bod = oracle_quantize(dout, lengths, mode, tiles.bwd_block_m, False, chunk)
+    cq, cqd = oracle_quantize(q, lengths, mode, tiles.bwd_block_m, True, chunk)
+    ck, ckd = oracle_quantize(k, lengths, mode, tiles.bwd_block_n, True, chunk)
+    co, cod = oracle_quantize(dout, lengths, mode, tiles.bwd_block_m, True, chunk)
+    start = 0
+    for b, n in enumerate(lengths):
+        seq = slice(start, start + n)
+        start += n
+        if n == 0:
+            continue
+        mask = sequence_mask(options, n, None if num_targets is None else int(num_targets[b]))
+        for h in range(heads):
+            # ---- forward: tiles of p_rows x fwd_block_n, accumulated key tile by key tile
+            Q, K, V = fq[seq, h], fk[seq, h], fv[seq, h]
+            Qd, Kd, Vd = fqd[seq, h, 0], fkd[seq, h, 0], fvd[seq, h]
+            o = torch.zeros(n, v.shape[2])
+            for m0 in range(0, n, tiles.fwd_p_rows):
+                rows = slice(m0, min(n, m0 + tiles.fwd_p_rows))
+                for n0 in range(0, n, tiles.fwd_block_n):
+                    cols = slice(n0, min(n, n0 + tiles.fwd_block_n))
+                    s = (Q[rows] @ K[cols].T).float() * (Qd[rows, None] * Kd[None, cols]) * alpha
+                    p = torch.where(mask[rows, cols], silu64(s)[0], 0.0)
+                    p8, sp = tile_quant(p, mode)
+                    o[rows] += (p8 @ V[cols]).float() * (sp * Vd[n0])
+            out[seq, h] = o / scaling
+            # ---- backward: tiles of bwd_block_m x bwd_block_n
+            Qr, Kr, Vr, Or = bq[seq, h], bk[seq, h], bv[seq, h], bo[seq, h]
+            Qrd, Krd, Vrd, Ord = bqd[seq, h, 0], bkd[seq, h, 0], bvd[seq, h, 0], bod[seq, h, 0]
+            Qc, Kc, Oc, Qcd, Kcd, Ocd = cq[seq, h], ck[seq, h], co[seq, h], cqd[seq, h], ckd[seq, h], cod[seq, h]
+            gq, gk, gv = torch.zeros(n, dq_dim), torch.zeros(n, dq_dim), torch.zeros(n, v.shape[2])
+            for m0 in range(0, n, tiles.bwd_block_m):
+                rows = slice(m0, min(n, m0 + tiles.bwd_block_m))
+                for n0 in range(0, n, tiles.bwd_block_n):
+                    cols = slice(n0, min(n, n0 + tiles.bwd_block_n))
+                    s = (Qr[rows] @ Kr[cols].T).float() * (Qrd[rows, None] * Krd[None, cols]) * alpha
+                    p, dsilu = silu64(s)
+                    p = torch.where(mask[rows, cols], p, 0.0)
+                    p8, sp = tile_quant(p, mode)
+                    dp = (Or[rows] @ Vr[cols].T).float() * (Ord[rows, None] * Vrd[None, cols]) * 1.0
+                    ds = torch.where(mask[rows, cols], dp * dsilu, 0.0)
+                    ds8, sds = tile_quant(ds, mode)
+                    gv[cols] += (p8.T @ Oc[rows]).float() * (sp * Ocd[m0])
+                    gk[cols] += (ds8.T @ Qc[rows]).float() * (sds * Qcd[m0])
+                    gq[rows] += (ds8 @ Kc[cols]).float() * (sds * Kcd[n0])
+            dv[seq, h] = gv / scaling
+            dk[seq, h] = gk * (alpha / scaling)
+            dq[seq, h] = gq * (alpha / scaling)
+    return out, dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_inputs(lengths, heads, dim, dtype=torch.bfloat16, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v, dout = ((scale * torch.randn(total, heads, dim, generator=gen)).to(dtype) for _ in range(4))
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    return q, k, v, dout, offsets
+
+
+def emulate(q, k, v, dout, offsets, max_seq_len, alpha, options, num_targets=None, tiles=None, func=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fp8_hstu_attention_emulated(*leaves, offsets, max_seq_len, alpha, options, num_targets, tiles, func)
+    grads = torch.autograd.grad(out, leaves, dout)
+    return (out,) + grads
+
+
+def assert_matches_oracle(got, want):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        scale = float(w.abs().max()) if w.numel() else 1.0
+        torch.testing.assert_close(g.float(), w, rtol=2e-5, atol=2e-6 * max(scale, 1e-30), msg=name)
+
+
+CASES = [
+    # (lengths, num_targets, options kwargs)
+    ([0, 1, 23, 40, 9], None, dict()),
+    ([5, 0, 37, 16], [1, 0, 4, 16], dict()),
+    ([12, 30, 3], [2, 5, 0], dict(contextual_seq_len=2)),
+    ([33, 20], [3, 1], dict(sla_k1=5, sla_k2=3)),
+    ([26, 18], None, dict(max_attn_len=6)),
+]
+
+
+@pytest.mark.parametrize("mode", range(6))
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_loop_oracle_small_tiles(mode, case):
+    lengths, targets, kwargs = CASES[case]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 8, dtype=torch.float32, seed=case)
+    nt = None if targets is None else torch.tensor(targets)
+    options = AttentionOptions(fp8_quant_mode=mode, **kwargs)
+    max_seq_len = max(lengths)
+    got = emulate(q, k, v, dout, offsets, max_seq_len, 0.3, options, nt, SMALL_TILES)
+    want = oracle(q, k, v, dout, lengths, max_seq_len, 0.3, options, nt, SMALL_TILES)
+    assert_matches_oracle(got, want)
+
+
+@pytest.mark.parametrize("mode", range(6))
+def test_matches_loop_oracle_kernel_tiles(mode):
+    """Default (kernel) tiles: fwd 128 x 128 with 16-row P scales, bwd 64 x 128, 128-token chunks."""
+    lengths = [150, 0, 70, 1]
+    # bf16-valued inputs held in float32, so outputs are compared before any bf16 rounding
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 16, seed=mode)
+    q, k, v, dout = q.float(), k.float(), v.float(), dout.float()
+    nt = torch.tensor([3, 0, 2, 1])
+    options = AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1, scaling_seqlen=200)
+    tiles = FP8TileSizes.for_head_dim(16)
+    got = emulate(q, k, v, dout, offsets, 150, 0.25, options, nt)
+    want = oracle(q, k, v, dout, lengths, 150, 0.25, options, nt, tiles)
+    assert_matches_oracle(got, want)
+
+
+def test_oracle_detects_wrong_granularity():
+    """The comparison is sharp enough to see a different P-scale tile (16 vs 32 rows)."""
+    lengths = [150, 70]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 16, seed=3)
+    q, k, v, dout = q.float(), k.float(), v.float(), dout.float()
+    options = AttentionOptions(fp8_quant_mode=2)
+    got = emulate(q, k, v, dout, offsets, 150, 0.25, options, None, FP8TileSizes(fwd_p_rows=32))
+    want = oracle(q, k, v, dout, lengths, 150, 0.25, options, None, FP8TileSizes())
+    with pytest.raises(AssertionError):
+        assert_matches_oracle(got, want)
+
+
+@pytest.mark.parametrize("mode", [0, 2, 5])
+def test_sla_func_mask_equals_options_mask(mode):
+    """The CUTLASS arbitrary mask (func) path decodes to the same attention as the SLA options."""
+    lengths = [20, 0, 33]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 8, seed=5)
+    nt = torch.tensor([2, 0, 5])
+    options = AttentionOptions(fp8_quant_mode=mode, sla_k1=4, sla_k2=3, contextual_seq_len=1)
+    func = build_sla_func_tensor(2, 4, 3, offsets, sum(lengths), nt, contextual_seq_len=1)
+    plain = AttentionOptions(fp8_quant_mode=mode)
+    a = emulate(q, k, v, dout, offsets, 33, 0.3, options, nt, SMALL_TILES)
+    b = emulate(q, k, v, dout, offsets, 33, 0.3, plain, None, SMALL_TILES, func=func)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_shapes_dtypes_empty_and_single_token(dtype):
+    for lengths in ([0], [1], [0, 1, 0], [3, 0, 1]):
+        q, k, v, dout, offsets = make_inputs(lengths, 2, 8, dtype=dtype)
+        v = torch.randn(sum(lengths), 2, 12).to(dtype)  # Dv != Dqk
+        dout = torch.randn(sum(lengths), 2, 12).to(dtype)
+        for mode in range(6):
+            out, dq, dk, dv = emulate(q, k, v, dout, offsets, max(1, max(lengths)), 0.3, AttentionOptions(fp8_quant_mode=mode))
+            assert out.shape == v.shape and out.dtype == dtype
+            assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+            assert dq.dtype == dk.dtype == dv.dtype == dtype
+            assert all(bool(torch.isfinite(t.float()).all()) for t in (out, dq, dk, dv))
+    # a length-1 sequence attends to itself only: out = silu(alpha q.k) q8-rounded / scaling * v
+    q, k, v, dout, offsets = make_inputs([1], 1, 4, dtype=torch.float32, seed=2)
+    out = emulate(q, k, v, dout, offsets, 1, 0.5, AttentionOptions(fp8_quant_mode=5))[0]
+    ref = torch.nn.functional.silu(0.5 * (q * k).sum(-1, keepdim=True)) * v
+    torch.testing.assert_close(out, ref, rtol=0.15, atol=0.02)
+
+
+def test_fp8_mode_minus_one_is_bit_identical_in_stu_layer():
+    def run(**kwargs):
+        torch.manual_seed(0)
+        layer = STULayer(16, 2, 8, 8, output_dropout_ratio=0.0, contextual_seq_len=1, **kwargs)
+        x = torch.randn(11, 16, requires_grad=True)
+        offsets = torch.tensor([0, 4, 4, 11])
+        out = layer(x, offsets, 7, num_targets=torch.tensor([1, 0, 2]))
+        grads = torch.autograd.grad(out.square().sum(), [x] + list(layer.parameters()))
+        return [out] + list(grads)
+
+    for a, b in zip(run(), run(fp8_quant_mode=-1)):
+        assert torch.equal(a, b)
+    # and FP8 does change the result (the option is not ignored)
+    assert not torch.equal(run()[0], run(fp8_quant_mode=2)[0])
+
+
+def test_dispatch_pytorch_kernel_uses_emulation():
+    lengths = [9, 4]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 8)
+    options = AttentionOptions(fp8_quant_mode=3)
+    via_dispatch = hstu_attention(q, k, v, offsets, 9, 0.3, options, kernel=HSTUKernel.PYTORCH)
+    direct = fp8_hstu_attention_emulated(q, k, v, offsets, 9, 0.3, options)
+    assert torch.equal(via_dispatch, direct)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", range(6))
+def test_emulation_on_cuda_matches_cpu(mode, cuda_device):
+    lengths = [150, 0, 70, 1]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 64, seed=mode)
+    options = AttentionOptions(fp8_quant_mode=mode)
+    cpu = emulate(q, k, v, dout, offsets, 150, 0.125, options)
+    gpu = emulate(*(t.to(cuda_device) for t in (q, k, v, dout, offsets)), 150, 0.125, options)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu().float(), a.float(), rtol=2e-2, atol=1e-3)

@@ -1,0 +1,157 @@
+"""The opaque FP8 export op ``torchrec_hstu::hstu_fp8_fwd``: opcheck, torch.export of STU models
+with dynamic jagged dims, and eager never going through it."""
+
+import pytest
+import torch
+from torch.export import Dim, export
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchrec_hstu.modules.stu import STULayer, STUStack
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
+from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
+from torchrec_hstu.ops.fp8.export_op import call_hstu_fp8_fwd, hstu_fp8_fwd
+
+OP = torch.ops.torchrec_hstu.hstu_fp8_fwd.default
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def jagged(lengths, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(lengths), dim, generator=gen), torch.tensor([0] + lengths).cumsum(0)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 5])
+@pytest.mark.parametrize("with_targets", [False, True])
+def test_opcheck(mode, with_targets):
+    gen = torch.Generator().manual_seed(mode)
+    q, k, v = (torch.randn(40, 2, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
+    offsets = torch.tensor([0, 0, 17, 18, 40])
+    nt = torch.tensor([0, 2, 1, 3]) if with_targets else None
+    args = (q, k, v, offsets, nt, 22, -1, 0.25, mode, True, 0, 1 if with_targets else 0, 0, 0, 0)
+    torch.library.opcheck(hstu_fp8_fwd, args)
+    out = hstu_fp8_fwd(*args)
+    options = AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1 if with_targets else 0)
+    assert torch.equal(out, fp8_hstu_attention_emulated(q, k, v, offsets, 22, 0.25, options, nt))
+
+
+def test_call_helper_passes_every_option():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(30, 2, 8, generator=gen) for _ in range(3))
+    offsets = torch.tensor([0, 12, 30])
+    nt = torch.tensor([2, 3])
+    for options in (
+        AttentionOptions(fp8_quant_mode=3, sla_k1=4, sla_k2=2, contextual_seq_len=1, scaling_seqlen=40),
+        AttentionOptions(fp8_quant_mode=1, max_attn_len=3, min_full_attn_seq_len=2),
+        AttentionOptions(fp8_quant_mode=4, causal=False),
+    ):
+        got = call_hstu_fp8_fwd(q, k, v, offsets, 18, 0.3, options, nt)
+        assert torch.equal(got, fp8_hstu_attention_emulated(q, k, v, offsets, 18, 0.3, options, nt))
+
+
+def _export_and_check(model, batches, num_layers):
+    x, offsets, nt = batches[0]
+    total, batch = Dim("total", min=2, max=1 << 16), Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        ep = export(
+            model,
+            (x, offsets, 40, nt),
+            dynamic_shapes=({0: total}, {0: batch + 1}, None, {0: batch}),
+            strict=False,
+        )
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum(n.target == OP for n in nodes) == num_layers
+    for n in nodes:  # no quantizer internals: nothing float8, no scatter/amax
+        val = n.meta.get("val")
+        assert not (isinstance(val, torch.Tensor) and val.dtype == torch.float8_e4m3fn), n
+        assert "scatter" not in str(n.target) and "amax" not in str(n.target), n
+    module = ep.module()
+    for x, offsets, nt in batches:
+        with torch.no_grad():
+            want = model(x, offsets, 40, nt)
+            got = module(x, offsets, 40, nt)
+        assert torch.equal(got, want)
+    return ep
+
+
+def _batches(dim):
+    out = []
+    for seed, (lengths, targets) in enumerate((([5, 0, 12, 1], [1, 0, 3, 1]), ([40, 7, 2], [5, 2, 0]), ([3], [3]))):
+        x, offsets = jagged(lengths, dim, seed)
+        out.append((x, offsets, torch.tensor(targets)))
+    return out
+
+
+@pytest.mark.parametrize("mode", range(6))
+def test_export_stu_layer_all_modes(mode):
+    torch.manual_seed(mode)
+    layer = STULayer(32, 2, 16, 16, fp8_quant_mode=mode, contextual_seq_len=1).eval()
+    _export_and_check(layer, _batches(32), num_layers=1)
+
+
+class _StackEmbeddings(torch.nn.Module):
+    """STUStack returning its embeddings (its output dataclass is not a pytree)."""
+
+    def __init__(self, stack: STUStack) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x, offsets, max_seq_len: int, num_targets):
+        return self.stack(x, offsets, max_seq_len, num_targets).x
+
+
+def test_export_stu_stack_sla_one_node_per_layer():
+    torch.manual_seed(0)
+    layers = [STULayer(32, 2, 16, 16, fp8_quant_mode=2, sla_k1=4, sla_k2=2) for _ in range(2)]
+    _export_and_check(_StackEmbeddings(STUStack(layers)).eval(), _batches(32), num_layers=2)
+
+
+def test_export_cutlass_model_on_cpu_skips_the_gate():
+    """A CUTLASS FP8 model exports here (no GPU, no wheel); the exported op then runs the
+    FP8 emulation on CPU, equal to the eager PYTORCH FP8 model."""
+    torch.manual_seed(1)
+    cutlass = STULayer(32, 2, 64, 64, fp8_quant_mode=2, kernel=HSTUKernel.CUTLASS).eval()
+    torch.manual_seed(1)
+    pytorch = STULayer(32, 2, 64, 64, fp8_quant_mode=2, kernel=HSTUKernel.PYTORCH).eval()
+    x, offsets, nt = _batches(32)[0]
+    with pytest.raises(RuntimeError):  # eager refuses: FP8 CUTLASS needs an SM90 GPU
+        cutlass(x, offsets, 40, nt)
+    total, batch = Dim("total", min=2, max=1 << 16), Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        ep = export(cutlass, (x, offsets, 40, nt), dynamic_shapes=({0: total}, {0: batch + 1}, None, {0: batch}),
+                    strict=False)
+        for x, offsets, nt in _batches(32):
+            assert torch.equal(ep.module()(x, offsets, 40, nt), pytorch(x, offsets, 40, nt))
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_train_and_eval_never_use_the_op():
+    torch.manual_seed(0)
+    layer = STULayer(32, 2, 16, 16, fp8_quant_mode=3)
+    x, offsets, nt = _batches(32)[0]
+    x.requires_grad_()
+    for training in (True, False):
+        layer.train(training)
+        log = _OpLog()
+        with log:
+            out = layer(x, offsets, 40, nt)
+            out.sum().backward()
+        assert not any("hstu_fp8_fwd" in op for op in log.ops)
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+        x.grad = None

@@ -1,0 +1,685 @@
+"""Triton FP8 (float8_e4m3fn) jagged HSTU attention, forward and backward, ``fp8_quant_mode`` 0..5.
+
+Same definition as the PyTorch emulation (:mod:`torchrec_hstu.ops.fp8.emulation`, notes
+decision 5), with the same quantizers (:func:`torchrec_hstu.ops.fp8.quantize.quantize_for_mode`)
+and tile sizes (:class:`~torchrec_hstu.ops.fp8.quantize.FP8TileSizes`):
+
+Forward, per query block and key tile ``n`` of ``fwd_block_n`` keys::
+
+    S  = fp8 tl.dot(q8, k8^T) * (q_descale x k_descale) * alpha      (modes 1..5; mode 0: no scales)
+    P  = silu(S) (exact sigmoid), masked
+    s_P per 16 query rows x tile = max(amax|P| / 448, 1e-6);  P8 = sat_e4m3(P / s_P)
+    O += fp8 tl.dot(P8, v8[n]) * (s_P * v_descale[n])
+    O /= scaling_seqlen
+
+Backward, per key block of ``bwd_block_n`` (128) keys and query tile of ``bwd_block_m`` (64):
+``S, P, dP = dO8 v8^T * descales, dS = dP * silu'(S)``, ``P`` and ``dS`` re-quantized per whole
+tile, ``dV += P8^T dO8c``, ``dK += dS8^T q8c``, ``dQ += dS8 k8c`` (fp32 atomics), each scaled by
+the tile scale times the column descale of the tile (mode 1: per-d vector).
+
+Hopper's fp8 wgmma reads K-major operands, so the tensors on the "token" side of a product
+(``v`` forward; ``q``, ``k``, ``dO`` column-quantized backward) are passed transposed
+(``[H, D, L]``), a copy made right after quantization.
+
+Symbols: ``B`` batch, ``L`` tokens, ``H`` heads, ``Dqk``/``Dv`` head dims.
+"""
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from torchrec_hstu.ops.common import AttentionOptions
+from torchrec_hstu.ops.triton._common import (
+    bwd_tile_ranges,
+    fwd_tile_ranges,
+    valid_mask,
+)
+from torchrec_hstu.ops.triton.hstu_attention import (
+    KernelConfig,
+    _block_dim,
+    _mask_args,
+    _MaskArgs,
+    _seq_class,
+    check_triton_inputs,
+    choose_config,
+)
+
+logger = logging.getLogger(__name__)
+
+_FP8_MAX = 448.0
+_SCALE_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp8_fwd_tile(
+    acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
+    stride_kn, stride_kdn, stride_vdn, stride_vdd, n, T, c, W, M, sla_k1, K2, alpha,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, P_ROWS: tl.constexpr, QUANT_MODE: tl.constexpr,
+    MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
+):
+    cols = j0 + offs_n
+    col_in = cols < n
+    if MASKED:
+        k = tl.load(k_ptrs + j0 * stride_kn, mask=col_in[:, None] & (offs_dqk[None, :] < DQK),
+                    other=0.0)
+        vt = tl.load(vt_ptrs + j0, mask=(offs_dv[:, None] < DV) & col_in[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs + j0 * stride_kn, mask=offs_dqk[None, :] < DQK, other=0.0)
+        vt = tl.load(vt_ptrs + j0, mask=offs_dv[:, None] < DV, other=0.0)
+    s = tl.dot(q, tl.trans(k))
+    if QUANT_MODE != 0:
+        kd = tl.load(kd_ptrs + j0 * stride_kdn, mask=col_in, other=1.0)
+        s = s * (qd[:, None] * kd[None, :])
+    x = s * alpha
+    p = x * tl.sigmoid(x)
+    if MASKED:
+        valid = valid_mask(offs_m[:, None], cols[None, :], n, T, c, W, M, sla_k1, K2, MASK_MODE)
+        p = tl.where(valid, p, 0.0)
+    if QUANT_MODE == 0:
+        p8 = tl.clamp(p, -448.0, 448.0).to(tl.float8e4nv)
+        acc = tl.dot(p8, tl.trans(vt), acc)
+    else:
+        row_max = tl.max(tl.abs(p), axis=1)
+        group_max = tl.max(tl.reshape(row_max, (BLOCK_M // P_ROWS, P_ROWS)), axis=1)
+        p_scale = tl.maximum(group_max / 448.0, 1e-6)
+        row_scale = tl.reshape(
+            tl.broadcast_to(p_scale[:, None], (BLOCK_M // P_ROWS, P_ROWS)), (BLOCK_M,))
+        p8 = tl.clamp(p * (1.0 / row_scale)[:, None], -448.0, 448.0).to(tl.float8e4nv)
+        pv = tl.dot(p8, tl.trans(vt))
+        vd = tl.load(vd_ptrs + j0 * stride_vdn + offs_dv * stride_vdd, mask=offs_dv < DV,
+                     other=1.0)
+        acc += pv * (row_scale[:, None] * vd[None, :])
+    return acc
+
+
+@triton.jit
+def _fp8_fwd_kernel(
+    Q, QD, K, KD, VT, VD, Out, seq_offsets, num_targets,
+    stride_qm, stride_qh, stride_qdm, stride_qdh, stride_km, stride_kh, stride_kdm, stride_kdh,
+    stride_vth, stride_vtd, stride_vdm, stride_vdh, stride_vdd, stride_om, stride_oh,
+    alpha, out_scale,
+    c, W, M, sla_k1, K2,
+    H,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_ROWS: tl.constexpr,
+    QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start = tl.load(seq_offsets + b).to(tl.int64)
+    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    m0 = m_block * BLOCK_M
+    if m0 >= n:
+        return
+    if HAS_TARGETS:
+        T = tl.load(num_targets + b).to(tl.int32)
+    else:
+        T = 0
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_in = offs_m < n
+    q = tl.load(Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_dqk[None, :], mask=row_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    qd = tl.load(QD + start * stride_qdm + h * stride_qdh + offs_m * stride_qdm, mask=row_in,
+                 other=1.0)
+    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
+    kd_ptrs = KD + start * stride_kdm + h * stride_kdh + offs_n * stride_kdm
+    vt_ptrs = VT + h * stride_vth + start + offs_dv[:, None] * stride_vtd + offs_n[None, :]
+    vd_ptrs = VD + start * stride_vdm + h * stride_vdh
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
+        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
+    for j0 in range(ta0, ta1, BLOCK_N):
+        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
+                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
+                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
+                            P_ROWS, QUANT_MODE, MASK_MODE, True)
+    for j0 in range(tb0, ti0, BLOCK_N):
+        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
+                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
+                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
+                            P_ROWS, QUANT_MODE, MASK_MODE, True)
+    for j0 in range(ti0, ti1, BLOCK_N):
+        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
+                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
+                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
+                            P_ROWS, QUANT_MODE, MASK_MODE, False)
+    for j0 in range(ti1, tb1, BLOCK_N):
+        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
+                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
+                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
+                            P_ROWS, QUANT_MODE, MASK_MODE, True)
+    o_ptrs = Out + start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    tl.store(o_ptrs, (acc * out_scale).to(Out.dtype.element_ty),
+             mask=row_in[:, None] & (offs_dv[None, :] < DV))
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_quant(x, QUANT_MODE: tl.constexpr):
+    """One scale for the whole tile (mode 0: saturating cast, scale 1)."""
+    if QUANT_MODE == 0:
+        return tl.clamp(x, -448.0, 448.0).to(tl.float8e4nv), 1.0
+    scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 448.0, 1e-6)
+    return tl.clamp(x * (1.0 / scale), -448.0, 448.0).to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _fp8_bwd_tile(
+    dk, dv, k, kd, v, vd, kct, kdc, m0,
+    q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs, qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs,
+    offs_m, offs_n, offs_dqk, offs_dv,
+    stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
+    stride_dodcm, stride_dodcd, stride_dqm,
+    n, T, c, W, M, sla_k1, K2, alpha,
+    DQK: tl.constexpr, DV: tl.constexpr, QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+    MASKED: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
+):
+    rows = m0 + offs_m
+    row_in = rows < n
+    q = tl.load(q_ptrs + m0 * stride_qm, mask=row_in[:, None] & (offs_dqk[None, :] < DQK),
+                other=0.0)
+    sT = tl.dot(k, tl.trans(q))
+    if QUANT_MODE != 0:
+        qd = tl.load(qd_ptrs + m0 * stride_qdm, mask=row_in, other=1.0)
+        sT = sT * (kd[:, None] * qd[None, :])
+    sT = sT * alpha
+    sigT = tl.sigmoid(sT)
+    pT = sT * sigT
+    if MASKED:
+        valid = valid_mask(rows[None, :], offs_n[:, None], n, T, c, W, M, sla_k1, K2, MASK_MODE)
+        pT = tl.where(valid, pT, 0.0)
+    if COMPUTE_DV:
+        p8T, p_scale = _tile_quant(pT, QUANT_MODE)
+        doct = tl.load(doct_ptrs + m0, mask=(offs_dv[:, None] < DV) & row_in[None, :], other=0.0)
+        pdo = tl.dot(p8T, tl.trans(doct))
+        if QUANT_MODE == 0:
+            dv += pdo
+        else:
+            dodc = tl.load(dodc_ptrs + m0 * stride_dodcm + offs_dv * stride_dodcd,
+                           mask=offs_dv < DV, other=1.0)
+            dv += pdo * (p_scale * dodc[None, :])
+    if COMPUTE_DKDQ:
+        do = tl.load(do_ptrs + m0 * stride_dom, mask=row_in[:, None] & (offs_dv[None, :] < DV),
+                     other=0.0)
+        dpT = tl.dot(v, tl.trans(do))
+        if QUANT_MODE != 0:
+            dod = tl.load(dod_ptrs + m0 * stride_dodm, mask=row_in, other=1.0)
+            dpT = dpT * (vd[:, None] * dod[None, :])
+        dsT = dpT * (sigT * (1.0 + sT * (1.0 - sigT)))
+        if MASKED:
+            dsT = tl.where(valid, dsT, 0.0)
+        ds8T, ds_scale = _tile_quant(dsT, QUANT_MODE)
+        qct = tl.load(qct_ptrs + m0, mask=(offs_dqk[:, None] < DQK) & row_in[None, :], other=0.0)
+        dsq = tl.dot(ds8T, tl.trans(qct))
+        dq = tl.dot(tl.trans(ds8T), tl.trans(kct))
+        if QUANT_MODE == 0:
+            dk += dsq
+        else:
+            qdc = tl.load(qdc_ptrs + m0 * stride_qdcm + offs_dqk * stride_qdcd,
+                          mask=offs_dqk < DQK, other=1.0)
+            dk += dsq * (ds_scale * qdc[None, :])
+            dq = dq * (ds_scale * kdc[None, :])
+        tl.atomic_add(dq_ptrs + m0 * stride_dqm, dq,
+                      mask=row_in[:, None] & (offs_dqk[None, :] < DQK), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _fp8_bwd_kernel(
+    Q, QD, K, KD, V, VD, DO, DOD, QCT, QDC, KCT, KDC, DOCT, DODC, DQ, DK, DV, seq_offsets,
+    num_targets,
+    stride_qm, stride_qh, stride_qdm, stride_qdh, stride_km, stride_kh, stride_kdm, stride_kdh,
+    stride_vm, stride_vh, stride_vdm, stride_vdh, stride_dom, stride_doh, stride_dodm,
+    stride_dodh, stride_qcth, stride_qctd, stride_qdcm, stride_qdch, stride_qdcd,
+    stride_kcth, stride_kctd, stride_kdcm, stride_kdch, stride_kdcd,
+    stride_docth, stride_doctd, stride_dodcm, stride_dodch, stride_dodcd,
+    stride_dqm, stride_dqh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
+    alpha, dk_scale, dv_scale,
+    c, W, M, sla_k1, K2,
+    H,
+    DQK: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    n_block = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start = tl.load(seq_offsets + b).to(tl.int64)
+    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    n0 = n_block * BLOCK_N
+    if n0 >= n:
+        return
+    if HAS_TARGETS:
+        T = tl.load(num_targets + b).to(tl.int32)
+    else:
+        T = 0
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_in = offs_n < n
+    k = tl.load(K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km
+                + offs_dqk[None, :], mask=col_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    kd = tl.load(KD + start * stride_kdm + h * stride_kdh + offs_n * stride_kdm, mask=col_in,
+                 other=1.0)
+    if COMPUTE_DKDQ:
+        v = tl.load(V + start * stride_vm + h * stride_vh + offs_n[:, None] * stride_vm
+                    + offs_dv[None, :], mask=col_in[:, None] & (offs_dv[None, :] < DV_DIM),
+                    other=0.0)
+        vd = tl.load(VD + start * stride_vdm + h * stride_vdh + offs_n * stride_vdm, mask=col_in,
+                     other=1.0)
+        kct = tl.load(KCT + h * stride_kcth + start + offs_dqk[:, None] * stride_kctd
+                      + offs_n[None, :], mask=(offs_dqk[:, None] < DQK) & col_in[None, :],
+                      other=0.0)
+        kdc = tl.load(KDC + (start + n0) * stride_kdcm + h * stride_kdch + offs_dqk * stride_kdcd,
+                      mask=offs_dqk < DQK, other=1.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    else:
+        v = k
+        vd = kd
+        kct = k
+        kdc = kd
+        dk = tl.zeros([1, 1], dtype=tl.float32)
+    if COMPUTE_DV:
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    else:
+        dv = tl.zeros([1, 1], dtype=tl.float32)
+    q_ptrs = Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :]
+    qd_ptrs = QD + start * stride_qdm + h * stride_qdh + offs_m * stride_qdm
+    do_ptrs = DO + start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
+    dod_ptrs = DOD + start * stride_dodm + h * stride_dodh + offs_m * stride_dodm
+    qct_ptrs = QCT + h * stride_qcth + start + offs_dqk[:, None] * stride_qctd + offs_m[None, :]
+    qdc_ptrs = QDC + start * stride_qdcm + h * stride_qdch
+    doct_ptrs = DOCT + h * stride_docth + start + offs_dv[:, None] * stride_doctd + offs_m[None, :]
+    dodc_ptrs = DODC + start * stride_dodcm + h * stride_dodch
+    dq_ptrs = DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :]
+    ta0, ta1, tb0, ti0, ti1, tb1 = bwd_tile_ranges(
+        n0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
+    for m0 in range(ta0, ta1, BLOCK_M):
+        dk, dv = _fp8_bwd_tile(
+            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
+            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
+            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
+            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ)
+    for m0 in range(tb0, ti0, BLOCK_M):
+        dk, dv = _fp8_bwd_tile(
+            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
+            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
+            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
+            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ)
+    for m0 in range(ti0, ti1, BLOCK_M):
+        dk, dv = _fp8_bwd_tile(
+            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
+            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
+            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
+            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ)
+    for m0 in range(ti1, tb1, BLOCK_M):
+        dk, dv = _fp8_bwd_tile(
+            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
+            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
+            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
+            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ)
+    if COMPUTE_DKDQ:
+        tl.store(DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm
+                 + offs_dqk[None, :], (dk * dk_scale).to(DK.dtype.element_ty),
+                 mask=col_in[:, None] & (offs_dqk[None, :] < DQK))
+    if COMPUTE_DV:
+        tl.store(DV + start * stride_dvm + h * stride_dvh + offs_n[:, None] * stride_dvm
+                 + offs_dv[None, :], (dv * dv_scale).to(DV.dtype.element_ty),
+                 mask=col_in[:, None] & (offs_dv[None, :] < DV_DIM))
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _fp8_block_dim(d: int) -> int:
+    # fp8 wgmma consumes K in steps of 32.
+    return max(32, _block_dim(d))
+
+
+def _transposed(values: torch.Tensor) -> torch.Tensor:
+    """``[L, H, D]`` -> contiguous ``[H, D, L]`` (K-major operand for fp8 ``tl.dot``)."""
+    return values.permute(1, 2, 0).contiguous()
+
+
+def _row_strides(token_descale: torch.Tensor) -> Tuple[int, int]:
+    """Strides (token, head) of a per-token descale ``[L, H, 1]`` (broadcast views allowed)."""
+    return token_descale.stride(0), token_descale.stride(1)
+
+
+def _vec_strides(token_descale: torch.Tensor) -> Tuple[int, int, int]:
+    """Strides (token, head, d) of ``[L, H, 1]`` or ``[L, H, D]`` descales (d stride 0 if 1)."""
+    d_stride = token_descale.stride(2) if token_descale.shape[2] > 1 else 0
+    return token_descale.stride(0), token_descale.stride(1), d_stride
+
+
+def fp8_fwd_candidates(dqk: int, dv: int) -> list:
+    """Forward configs (``block_n`` is fixed by the FP8 definition and ignored here)."""
+    from torchrec_hstu.ops.triton._common import interpret_mode
+
+    if interpret_mode():
+        return [KernelConfig(32, 0, 4, 1)]
+    if max(dqk, dv) <= 128:
+        return [KernelConfig(128, 0, 8, 3), KernelConfig(128, 0, 8, 2), KernelConfig(64, 0, 4, 3)]
+    return [KernelConfig(128, 0, 8, 2), KernelConfig(64, 0, 4, 2), KernelConfig(128, 0, 8, 1)]
+
+
+def fp8_bwd_candidates(dqk: int, dv: int) -> list:
+    """Backward configs (tile sizes fixed by the FP8 definition; warps, stages, split vary)."""
+    from torchrec_hstu.ops.triton._common import interpret_mode
+
+    if interpret_mode():
+        return [KernelConfig(0, 0, 4, 1)]
+    if max(dqk, dv) <= 128:
+        return [KernelConfig(0, 0, 8, 2), KernelConfig(0, 0, 8, 2, split_bwd=True),
+                KernelConfig(0, 0, 8, 1)]
+    return [KernelConfig(0, 0, 8, 2, split_bwd=True), KernelConfig(0, 0, 8, 1, split_bwd=True)]
+
+
+def fp8_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor],
+    max_seq_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    mask: _MaskArgs,
+    fp8_quant_mode: int,
+    config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """Quantize ``q, k, v`` for ``fp8_quant_mode`` and run the FP8 forward; ``[L, H, Dv]``."""
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+
+    total, num_heads, dqk = q.shape
+    dv = v.shape[2]
+    out = torch.empty((total, num_heads, dv), dtype=q.dtype, device=q.device)
+    batch = seq_offsets.numel() - 1
+    if total == 0 or batch == 0:
+        return out.zero_()
+    tiles = FP8TileSizes.for_head_dim(max(dqk, dv))
+    q_q = quantize_for_mode(q, seq_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=tiles.colwise_chunk)
+    k_q = quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=tiles.colwise_chunk)
+    v_q = quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True,
+                            chunk=tiles.colwise_chunk)
+    q8, k8, vt = q_q.values, k_q.values, _transposed(v_q.values)
+    block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv)
+
+    def run(cfg: KernelConfig) -> None:
+        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_m))
+        _fp8_fwd_kernel[grid](
+            q8, q_q.token_descale, k8, k_q.token_descale, vt, v_q.token_descale, out, seq_offsets,
+            num_targets if num_targets is not None else seq_offsets,
+            q8.stride(0), q8.stride(1), *_row_strides(q_q.token_descale),
+            k8.stride(0), k8.stride(1), *_row_strides(k_q.token_descale),
+            vt.stride(0), vt.stride(1), *_vec_strides(v_q.token_descale),
+            out.stride(0), out.stride(1),
+            alpha, 1.0 / scaling_seqlen,
+            mask.c, mask.w, mask.m, mask.sla_k1, mask.k2,
+            num_heads,
+            DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+            BLOCK_M=cfg.block_m, BLOCK_N=tiles.fwd_block_n, P_ROWS=tiles.fwd_p_rows,
+            QUANT_MODE=fp8_quant_mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    if config is None:
+        key = ("fp8_fwd", fp8_quant_mode, q.dtype, block_dqk, block_dv, mask.mode,
+               _seq_class(max_seq_len))
+        config = choose_config(key, fp8_fwd_candidates(dqk, dv), max_seq_len, run)
+    run(config)
+    return out
+
+
+def fp8_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor],
+    max_seq_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    mask: _MaskArgs,
+    fp8_quant_mode: int,
+    config: Optional[KernelConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Re-quantize ``q, k, v, dout`` with the backward tiles and run the FP8 backward."""
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+
+    total, num_heads, dqk = q.shape
+    dv_dim = v.shape[2]
+    batch = seq_offsets.numel() - 1
+    dk = torch.empty((total, num_heads, dqk), dtype=q.dtype, device=q.device)
+    dv = torch.empty((total, num_heads, dv_dim), dtype=q.dtype, device=q.device)
+    dq_acc = torch.zeros((total, num_heads, dqk), dtype=torch.float32, device=q.device)
+    if total == 0 or batch == 0:
+        return dq_acc.to(q.dtype), dk.zero_(), dv.zero_()
+    tiles = FP8TileSizes.for_head_dim(max(dqk, dv_dim))
+    bm, bn, chunk = tiles.bwd_block_m, tiles.bwd_block_n, tiles.colwise_chunk
+    mode = fp8_quant_mode
+
+    def quant(x: torch.Tensor, block: int):
+        row = quantize_for_mode(x, seq_offsets, mode, block, chunk=chunk)
+        col = quantize_for_mode(x, seq_offsets, mode, block, colwise=True, chunk=chunk) if mode == 1 else row
+        return row, col
+
+    q_r, q_c = quant(q, bm)
+    do_r, do_c = quant(dout, bm)
+    k_r, k_c = quant(k, bn)
+    v_r = quantize_for_mode(v, seq_offsets, mode, bn, chunk=chunk)
+    qct, kct, doct = _transposed(q_c.values), _transposed(k_c.values), _transposed(do_c.values)
+    q8, k8, v8, do8 = q_r.values, k_r.values, v_r.values, do_r.values
+    block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv_dim)
+    scale = 1.0 / scaling_seqlen
+
+    def launch(cfg: KernelConfig, compute_dv: bool, compute_dkdq: bool) -> None:
+        grid = (batch * num_heads, triton.cdiv(max_seq_len, bn))
+        _fp8_bwd_kernel[grid](
+            q8, q_r.token_descale, k8, k_r.token_descale, v8, v_r.token_descale, do8,
+            do_r.token_descale, qct, q_c.token_descale, kct, k_c.token_descale, doct,
+            do_c.token_descale, dq_acc, dk, dv, seq_offsets,
+            num_targets if num_targets is not None else seq_offsets,
+            q8.stride(0), q8.stride(1), *_row_strides(q_r.token_descale),
+            k8.stride(0), k8.stride(1), *_row_strides(k_r.token_descale),
+            v8.stride(0), v8.stride(1), *_row_strides(v_r.token_descale),
+            do8.stride(0), do8.stride(1), *_row_strides(do_r.token_descale),
+            qct.stride(0), qct.stride(1), *_vec_strides(q_c.token_descale),
+            kct.stride(0), kct.stride(1), *_vec_strides(k_c.token_descale),
+            doct.stride(0), doct.stride(1), *_vec_strides(do_c.token_descale),
+            dq_acc.stride(0), dq_acc.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
+            dv.stride(1),
+            alpha, alpha * scale, scale,
+            mask.c, mask.w, mask.m, mask.sla_k1, mask.k2,
+            num_heads,
+            DQK=dqk, DV_DIM=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+            BLOCK_M=bm, BLOCK_N=bn,
+            QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
+            COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def run(cfg: KernelConfig) -> None:
+        dq_acc.zero_()
+        if cfg.split_bwd:
+            launch(cfg, True, False)
+            launch(cfg, False, True)
+        else:
+            launch(cfg, True, True)
+
+    if config is None:
+        key = ("fp8_bwd", mode, q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))
+        config = choose_config(key, fp8_bwd_candidates(dqk, dv_dim), max_seq_len, run)
+    run(config)
+    dq = (dq_acc * (alpha * scale)).to(q.dtype)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# torch.library custom ops + autograd
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("torchrec_hstu::triton_hstu_fp8_attention_fwd", mutates_args=())
+def triton_hstu_fp8_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor],
+    max_seq_len: int,
+    alpha: float,
+    causal: bool,
+    max_attn_len: int,
+    contextual_seq_len: int,
+    min_full_attn_seq_len: int,
+    sla_k1: int,
+    sla_k2: int,
+    scaling_seqlen: int,
+    fp8_quant_mode: int,
+) -> torch.Tensor:
+    """FP8 forward op (quantization included): ``out [L, H, Dv]`` in the dtype of ``q``."""
+    mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
+                      sla_k2, num_targets is not None)
+    return fp8_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen, mask,
+                   fp8_quant_mode)
+
+
+@triton_hstu_fp8_attention_fwd.register_fake
+def _(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
+      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode):
+    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+@torch.library.custom_op("torchrec_hstu::triton_hstu_fp8_attention_bwd", mutates_args=())
+def triton_hstu_fp8_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor],
+    max_seq_len: int,
+    alpha: float,
+    causal: bool,
+    max_attn_len: int,
+    contextual_seq_len: int,
+    min_full_attn_seq_len: int,
+    sla_k1: int,
+    sla_k2: int,
+    scaling_seqlen: int,
+    fp8_quant_mode: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FP8 backward op: ``(dq, dk, dv)`` in the dtype of ``q``."""
+    mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
+                      sla_k2, num_targets is not None)
+    return fp8_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen,
+                   mask, fp8_quant_mode)
+
+
+@triton_hstu_fp8_attention_bwd.register_fake
+def _(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
+      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_NUM_FWD_ARGS = 15
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, seq_offsets, num_targets = inputs[:5]
+    ctx.save_for_backward(q, k, v, seq_offsets, num_targets)
+    ctx.params = inputs[5:]
+
+
+def _backward(ctx, dout):
+    q, k, v, seq_offsets, num_targets = ctx.saved_tensors
+    dq, dk, dv = triton_hstu_fp8_attention_bwd(dout, q, k, v, seq_offsets, num_targets, *ctx.params)
+    return (dq, dk, dv) + (None,) * (_NUM_FWD_ARGS - 3)
+
+
+triton_hstu_fp8_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_fp8_hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    options: AttentionOptions,
+    num_targets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """FP8 HSTU attention by the Triton kernels (differentiable), ``options.fp8_quant_mode`` 0..5.
+
+    Inputs are quantized to float8_e4m3fn with the mode's quantizer, the products run on fp8
+    tensor cores, ``P`` and ``dS`` are re-quantized per tile; the output and gradients have the
+    input dtype (notes decisions 5, 6). The mask options are those of
+    :func:`~torchrec_hstu.ops.triton.hstu_attention.triton_hstu_attention`.
+
+    Args:
+        q: ``[L, H, Dqk]`` CUDA bf16/fp16/fp32.
+        k: ``[L, H, Dqk]``.
+        v: ``[L, H, Dv]``.
+        seq_offsets: ``[B + 1]`` int32/int64.
+        max_seq_len: ``N`` >= every sequence length.
+        alpha: scale of ``q k^T``.
+        options: :class:`AttentionOptions` with ``fp8_quant_mode`` in 0..5.
+        num_targets: optional ``[B]``.
+
+    Returns:
+        ``[L, H, Dv]`` in the dtype of ``q``.
+
+    Example::
+
+        >>> q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> opts = AttentionOptions(fp8_quant_mode=2)
+        >>> triton_fp8_hstu_attention(q, k, v, torch.tensor([0, 100, 300], device="cuda"), 200,
+        ...                           0.125, opts).shape
+        torch.Size([300, 2, 64])
+    """
+    if not options.use_fp8:
+        raise ValueError(
+            "triton_fp8_hstu_attention needs options.fp8_quant_mode in 0..5; got -1 "
+            "(use triton_hstu_attention for bf16/fp16)"
+        )
+    if q.shape[2] < 16 or v.shape[2] < 16:
+        raise ValueError(
+            f"TRITON FP8 needs head dims >= 16; got Dqk={q.shape[2]}, Dv={v.shape[2]}"
+        )
+    check_triton_inputs(q, k, v)
+    return triton_hstu_fp8_attention_fwd(
+        q, k, v, seq_offsets, num_targets, int(max_seq_len), float(alpha), options.causal,
+        options.max_attn_len, options.contextual_seq_len, options.min_full_attn_seq_len,
+        options.sla_k1, options.sla_k2, options.resolve_scaling_seqlen(int(max_seq_len)),
+        options.fp8_quant_mode,
+    )
