@@ -45,6 +45,19 @@ def bench(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def host_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """Host (CPU) time per call, GPU work left queued: above the GPU time means launch-bound."""
+    import time
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = (time.perf_counter() - start) / iters * 1e3
+    torch.cuda.synchronize()
+    return elapsed
+
+
 def make_lengths(batch: int, max_len: int, jagged: bool, gen: torch.Generator) -> List[int]:
     if not jagged:
         return [max_len] * batch
@@ -83,7 +96,8 @@ def run_case(
     def record(impl: str, direction: str, ms: float, mult: float = 1.0, **extra) -> None:
         tflops = flops * mult / (ms * 1e-3) / 1e12
         rows.append(dict(shape, impl=impl, direction=direction, ms=ms, tflops=tflops, **extra))
-        print(f"  {impl:>22s} {direction:>7s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+        note = f" (host {extra['host_ms']:.3f} ms/call)" if "host_ms" in extra else ""
+        print(f"  {impl:>26s} {direction:>7s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s{note}", flush=True)
 
     def ours(options: AttentionOptions, targets=None):
         # The kernels' entry points directly: the dispatcher's input checks read lengths on the
@@ -102,14 +116,22 @@ def run_case(
           f"tokens={total}", flush=True)
     fwd, fwd_bwd = ours(AttentionOptions())
     fwd(); fwd_bwd()  # compile + autotune outside the timing
-    record("triton_bf16", "fwd", bench(fwd))
-    record("triton_bf16", "fwd_bwd", bench(fwd_bwd), 3.5)
+    record("triton_bf16", "fwd", bench(fwd), host_ms=host_ms(fwd))
+    record("triton_bf16", "fwd_bwd", bench(fwd_bwd), 3.5, host_ms=host_ms(fwd_bwd))
 
     for mode in fp8_modes:
         f8, f8b = ours(AttentionOptions(fp8_quant_mode=mode))
         f8(); f8b()
-        record(f"triton_fp8_mode{mode}", "fwd", bench(f8))
+        record(f"triton_fp8_mode{mode}", "fwd", bench(f8), host_ms=host_ms(f8))
         record(f"triton_fp8_mode{mode}", "fwd_bwd", bench(f8b), 3.5)
+        # The forward's quantization of q, k, v alone (part of the fwd time above).
+        from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+
+        tiles = FP8TileSizes.for_head_dim(dim)
+        quant = lambda: (quantize_for_mode(q, offsets, mode, tiles.fwd_block_m),
+                         quantize_for_mode(k, offsets, mode, tiles.fwd_block_n),
+                         quantize_for_mode(v, offsets, mode, tiles.fwd_block_n, colwise=True))
+        record(f"fp8_mode{mode}_quantize_qkv", "fwd", bench(quant), 0.0)
 
     # SDPA flash on padded dense tensors.
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -208,7 +230,7 @@ def plot(path: str, rows: List[Dict]) -> None:
             ax = axes[row][col]
             sub = [r for r in rows if r["D"] == dim and r["lengths"] == lengths
                    and r["direction"] == direction]
-            for impl in sorted({r["impl"] for r in sub}):
+            for impl in sorted({r["impl"] for r in sub if "quantize" not in r["impl"]}):
                 pts = sorted((r["N"], r["tflops"]) for r in sub if r["impl"] == impl)
                 if len(pts) < 2:
                     continue

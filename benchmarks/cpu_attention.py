@@ -229,7 +229,9 @@ def main() -> None:
         actual_fill = sum(lengths) / (case["batch"] * case["max_len"])
         inputs = make_inputs(case)
         max_diff = check_equal(inputs, case["max_len"], 1.0 / case["dim"] ** 0.5)
+        load_before = os.getloadavg()[0]
         times = measure_time(case, args.warmup, args.repeats)
+        load_after = os.getloadavg()[0]
         memory = {variant: measure_memory(name, variant, args.quick) for variant in VARIANTS}
         row = dict(
             case=name,
@@ -237,7 +239,9 @@ def main() -> None:
             actual_fill=round(actual_fill, 4),
             tokens=sum(lengths),
             max_abs_diff=max_diff,
+            load_avg_1min=[round(load_before, 2), round(load_after, 2)],
             ms_median={v: round(statistics.median(t), 2) for v, t in times.items()},
+            ms_min={v: round(min(t), 2) for v, t in times.items()},
             ms_all={v: [round(x, 2) for x in t] for v, t in times.items()},
             peak_rss_increase_mb={v: round(m / 2**20, 1) for v, m in memory.items()},
         )
@@ -279,16 +283,24 @@ def markdown_table(meta: Dict, rows: List[Dict]) -> str:
         f"- time: {meta['time_method']}",
         f"- memory: {meta['memory_method']}",
         "",
-        "| case | B | N | H | D | fill | ours ms | padded ms | speedup | ours peak MB | padded peak MB | mem ratio | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | B | N | H | D | fill | ours ms (min) | padded ms (min) | speedup | ours peak MB | padded peak MB | mem ratio | max abs diff | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} ({r['kind']}) | {r['batch']} | {r['max_len']} | {r['heads']} | {r['dim']} | "
-            f"{r['actual_fill']:.2f} | {r['ms_median']['ours']} | {r['ms_median']['padded_dense']} | "
+            f"{r['actual_fill']:.2f} | {r['ms_median']['ours']} ({r['ms_min']['ours']}) | "
+            f"{r['ms_median']['padded_dense']} ({r['ms_min']['padded_dense']}) | "
             f"{r['speedup']}x | {r['peak_rss_increase_mb']['ours']} | "
-            f"{r['peak_rss_increase_mb']['padded_dense']} | {r['memory_ratio']} | {r['max_abs_diff']:.1e} |"
+            f"{r['peak_rss_increase_mb']['padded_dense']} | {r['memory_ratio']} | {r['max_abs_diff']:.1e} | "
+            f"{r['load_avg_1min'][0]}-{r['load_avg_1min'][1]} |"
         )
+    lines += [
+        "",
+        "ms: median (min) of the fwd+bwd times; speedup = padded median / ours median; mem ratio = ours /",
+        "padded peak; max abs diff: outputs and q/k/v gradients of the two variants; load avg: the",
+        "machine's 1-minute load average before/after the timing (2 cores, shared with other jobs).",
+    ]
     return "\n".join(lines) + "\n"
 
 

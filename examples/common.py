@@ -108,7 +108,7 @@ def plot_history(
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(13, 4.2))
     ax_loss.plot(epochs, [h["loss"] for h in history], marker="o")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
@@ -126,7 +126,7 @@ def plot_history(
     ax_metric.set_xlabel("epoch")
     ax_metric.set_title("evaluation")
     ax_metric.grid(alpha=0.3)
-    ax_metric.legend(fontsize=7, ncol=2)
+    ax_metric.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -56,6 +56,7 @@ from torchrec_hstu.data.sequences import (  # noqa: E402
 from torchrec_hstu.data.synthetic import RingSequenceConfig, generate_ring_sequences  # noqa: E402
 from torchrec_hstu.models.baselines import FirstOrderMarkov, MostPopular  # noqa: E402
 from torchrec_hstu.models.metrics import RankAccumulator  # noqa: E402
+from torchrec_hstu.ops.hstu_attention import resolve_kernel  # noqa: E402
 from torchrec_hstu.models.retrieval import (  # noqa: E402
     NEGATIVE_STRATEGIES,
     HSTURetrieval,
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.2, help="input and STU output dropout")
     g.add_argument("--num-gap-buckets", type=int, default=32, help="gap-to-previous-interaction embedding buckets (0: off)")
     g.add_argument("--no-time-encoding", action="store_true", help="drop the positional encoder's time buckets")
-    g.add_argument("--kernel", default="auto", help="attention kernel: auto, pytorch, triton, cutlass")
+    g.add_argument("--kernel", default=None,
+                   help="attention kernel: auto, pytorch, triton, cutlass (default: the config's, else auto)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--batch-size", type=int, default=64)
@@ -152,7 +154,7 @@ def build_model(args: argparse.Namespace, num_items: int) -> HSTURetrieval:
         use_time_encoding=not args.no_time_encoding,
         input_dropout_ratio=args.dropout,
         output_dropout_ratio=args.dropout,
-        kernel=args.kernel,
+        kernel=args.kernel or "auto",
     )
 
 
@@ -217,7 +219,7 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
         model.place(device)
     train_module = HSTURetrievalTrain(model, temperature=args.temperature)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    kernels = sorted({layer.kernel.value for layer in model.transducer.stu_module.layers})
+    kernels = sorted({resolve_kernel(layer.kernel, model.dense_device()).value for layer in model.transducer.stu_module.layers})
     print(f"model: HSTU retrieval, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"dense part on {model.dense_device()}, item table on {model.embedding_device()}, kernel {kernels}")
 

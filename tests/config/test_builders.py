@@ -247,3 +247,16 @@ def test_ranking_config_text_to_forward():
     assert out.candidate_embeddings.values().shape == (6, 128)
     assert out.candidate_embeddings.lengths().tolist() == [2, 1, 3]
     assert torch.isfinite(out.candidate_embeddings.values()).all()
+
+
+def test_build_retrieval_transducer_from_path_with_kernel_override():
+    from torchrec_hstu.config import ConfigError, build_retrieval_transducer
+
+    path = os.path.join(CONFIG_DIR, "retrieval_small.pbtxt")
+    transducer, width = build_retrieval_transducer(path, kernel="pytorch")
+    assert width == 64 and transducer.return_full_embeddings
+    assert all(layer.kernel.value == "PYTORCH" for layer in transducer.stu_module.layers)
+    auto, _ = build_retrieval_transducer(load_config(path))
+    assert all(layer.kernel.value == "AUTO" for layer in auto.stu_module.layers)  # the config's kernel
+    with pytest.raises(ConfigError, match="exactly one channel for retrieval; got 2"):
+        build_retrieval_transducer(os.path.join(CONFIG_DIR, "ranking_two_channel.pbtxt"))

@@ -12,7 +12,6 @@ from typing import List, Optional, Tuple
 import pytest
 import torch
 
-from torchrec_hstu.modules.stu import STULayer
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
 from torchrec_hstu.ops.cutlass import build_sla_func_tensor
 from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
@@ -223,6 +222,20 @@ def test_matches_loop_oracle_kernel_tiles(mode):
     assert_matches_oracle(got, want)
 
 
+@pytest.mark.parametrize("mode", range(6))
+def test_matches_loop_oracle_varied_magnitudes(mode):
+    """Token/head magnitudes spread over 2^-6 .. 2^4 (saturation of mode 0 casts included)."""
+    lengths = [40, 3, 25]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 8, dtype=torch.float32, seed=10 + mode)
+    gen = torch.Generator().manual_seed(mode)
+    q, k, v, dout = (t * torch.exp2(torch.randint(-6, 5, (t.shape[0], 2, 1), generator=gen).float()) for t in (q, k, v, dout))
+    nt = torch.tensor([4, 1, 2])
+    options = AttentionOptions(fp8_quant_mode=mode, sla_k1=6, sla_k2=2)
+    got = emulate(q, k, v, dout, offsets, 40, 0.4, options, nt, SMALL_TILES)
+    want = oracle(q, k, v, dout, lengths, 40, 0.4, options, nt, SMALL_TILES)
+    assert_matches_oracle(got, want)
+
+
 def test_oracle_detects_wrong_granularity():
     """The comparison is sharp enough to see a different P-scale tile (16 vs 32 rows)."""
     lengths = [150, 70]
@@ -270,6 +283,8 @@ def test_shapes_dtypes_empty_and_single_token(dtype):
 
 
 def test_fp8_mode_minus_one_is_bit_identical_in_stu_layer():
+    from torchrec_hstu.modules.stu import STULayer  # (modules import torchrec; ops tests do not)
+
     def run(**kwargs):
         torch.manual_seed(0)
         layer = STULayer(16, 2, 8, 8, output_dropout_ratio=0.0, contextual_seq_len=1, **kwargs)

@@ -8,6 +8,8 @@ the stated tolerances for the forward output and for each of ``dq, dk, dv``:
 * ``max|x - ref| <= MAX_ABS[dtype] * max|ref|``.
 """
 
+import json
+import os
 from typing import Dict, Optional, Tuple
 
 import pytest
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from tests.strategies import jagged_batches  # noqa: E402
+from strategies import jagged_batches  # noqa: E402
 from torchrec_hstu.ops.common import AttentionOptions  # noqa: E402
 from torchrec_hstu.ops.hstu_attention import hstu_attention  # noqa: E402
 from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention  # noqa: E402
@@ -61,6 +63,7 @@ def _compare(
     dtype: torch.dtype,
     seed: int = 0,
     max_seq_len: Optional[int] = None,
+    record: bool = False,
 ) -> None:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -84,10 +87,17 @@ def _compare(
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float()) if total else (q, k, v)
 
     assert out.dtype == dtype and out.shape == (total, num_heads, dv)
-    _check("out", out, ref, dtype)
-    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert g.dtype == dtype
-        _check(name, g, rg, dtype)
+    rows = []
+    for name, x, r in zip(("out", "dq", "dk", "dv"), (out,) + tuple(grads), (ref,) + tuple(ref_grads)):
+        assert x.dtype == dtype
+        _check(name, x, r, dtype)
+        rel, max_rel = _errors(x, r)
+        rows.append(dict(label="bf16", dtype=str(dtype), tensor=name, tokens=total, H=num_heads,
+                         Dqk=dqk, Dv=dv, rel_l2=rel, max_rel=max_rel, options=repr(options)))
+    path = os.environ.get("TORCHREC_HSTU_ERROR_TABLE")
+    if path and record:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 @st.composite
@@ -133,6 +143,13 @@ def test_triton_head_dims(dqk: int, dv: int, with_targets: bool) -> None:
     lengths = [0, 1, 129, 1000, 511, 64]
     targets = [0, 1, 5, 17, 0, 64] if with_targets else None
     _compare(lengths, targets, AttentionOptions(), 2, dqk, dv, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dim", [128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_error_table(dim: int, dtype: torch.dtype) -> None:
+    lengths = [1000, 1, 0, 517, 256, 64, 999, 300]
+    _compare(lengths, None, AttentionOptions(), 4, dim, dim, dtype, record=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

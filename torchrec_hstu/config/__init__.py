@@ -21,6 +21,7 @@ from torchrec_hstu.config.builders import (
     build_multi_channel,
     build_output_postprocessor,
     build_positional_encoder,
+    build_retrieval_transducer,
     build_transducer,
 )
 from torchrec_hstu.config.generated import check_generated_code
@@ -48,6 +49,7 @@ __all__ = [
     "build_multi_channel",
     "build_output_postprocessor",
     "build_positional_encoder",
+    "build_retrieval_transducer",
     "build_transducer",
     "check_generated_code",
     "config_to_kwargs",

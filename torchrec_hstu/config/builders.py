@@ -10,12 +10,14 @@ preprocessor's contextual prefix (0 without one); ``STU.scaling_seqlen = -1`` st
 attention op divides by the batch ``max_seq_len`` at run time.
 """
 
-from typing import Any, Callable, Dict, Optional
+import os
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
 from torchrec_hstu.config import hstu_pb2
 from torchrec_hstu.config.kwargs import config_to_kwargs
+from torchrec_hstu.config.loader import load_config
 from torchrec_hstu.config.validation import (
     ConfigError,
     KernelLike,
@@ -39,6 +41,7 @@ __all__ = [
     "build_multi_channel",
     "build_output_postprocessor",
     "build_positional_encoder",
+    "build_retrieval_transducer",
     "build_transducer",
 ]
 
@@ -217,3 +220,39 @@ def build_multi_channel(
     return MultiChannelHSTU(
         channels, candidate_feature_name=config.candidate_feature_name, max_seq_len=config.max_seq_len
     )
+
+
+def build_retrieval_transducer(
+    config: Union[hstu_pb2.HSTUModel, str, "os.PathLike[str]"],
+    kernel: Optional[KernelLike] = None,
+) -> Tuple[HSTUTransducer, int]:
+    """The transducer of a single-channel (retrieval) ``HSTUModel`` and its item embedding width.
+
+    A thin layer over :func:`build_transducer` for next-item retrieval: the one channel, built
+    with ``return_full_embeddings=True``, input width ``item_embedding_dim``.
+
+    Args:
+        config: an ``HSTUModel`` message or the path of its ``.pbtxt``.
+        kernel: override of ``config.kernel`` (any case, e.g. ``"auto"``); validated (SLA).
+
+    Returns:
+        ``(transducer, item_embedding_dim)``; the width is the STU ``embedding_dim`` when
+        ``item_embedding_dim`` is unset.
+
+    Raises:
+        ConfigError: invalid config, or not exactly one channel.
+    """
+    if not isinstance(config, hstu_pb2.HSTUModel):
+        config = load_config(config)
+    validate_model(config)
+    if len(config.hstu) != 1:
+        raise ConfigError(f"hstu must have exactly one channel for retrieval; got {len(config.hstu)}")
+    hstu = config.hstu[0]
+    width = config.item_embedding_dim or hstu.stu.embedding_dim
+    transducer = build_transducer(
+        hstu,
+        input_embedding_dim=width,
+        kernel=config.kernel if kernel is None else kernel,
+        return_full_embeddings=True,
+    )
+    return transducer, width

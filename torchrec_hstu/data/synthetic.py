@@ -213,7 +213,7 @@ class Impressions:
 
     Attributes:
         item_ids: ``[U, S]`` int64.
-        timestamps: ``[U, S]`` int64 seconds.
+        timestamps: ``[U, S]`` int64 seconds (the candidates share the request time).
         actions: ``[U, S]`` int64 bitmask (:data:`CLICK`, :data:`LONG_VIEW`).
         num_items: catalogue size.
         item_topics: ``[N]`` topic of each item.
@@ -291,6 +291,8 @@ def generate_impressions(config: ImpressionConfig = ImpressionConfig()) -> Impre
     gaps = rng.integers(10, 2 * HOUR, size=(cfg.num_users, steps))
     gaps[:, 0] = 1_600_000_000 + rng.integers(0, 365 * DAY, size=cfg.num_users)
     times = np.cumsum(gaps, axis=1)
+    # The candidates are one ranking request: they share its timestamp.
+    times[:, cfg.history_len :] = times[:, cfg.history_len : cfg.history_len + 1]
     return Impressions(
         item_ids=torch.from_numpy(items.astype(np.int64)),
         timestamps=torch.from_numpy(times.astype(np.int64)),

@@ -177,10 +177,10 @@ class HSTURetrieval(nn.Module):
             )
         if not transducer.return_full_embeddings:
             raise ValueError("the retrieval transducer must have return_full_embeddings=True")
-        if transducer.embedding_dim != embedding_dim and transducer.input_preprocessor is None:
+        if transducer.embedding_dim != embedding_dim:
             raise ValueError(
-                f"embedding_dim={embedding_dim} differs from the transducer's {transducer.embedding_dim} "
-                "and the transducer has no input_preprocessor to map it"
+                f"embedding_dim={embedding_dim} must equal the transducer's STU embedding_dim="
+                f"{transducer.embedding_dim}: user outputs are scored by dot product with item embeddings"
             )
         self.num_items = num_items
         self.embedding_dim = embedding_dim

@@ -150,7 +150,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_seq_offsets(seq_offsets: torch.Tensor, total_len: int, name: str = "seq_offsets") -> None:
-    """Static checks always; value checks (start 0, non-decreasing, last == L) unless tracing."""
+    """Static checks always; value checks (start 0, non-decreasing, last == L) unless tracing.
+
+    The value checks read the device once (one host sync).
+    """
     if not isinstance(seq_offsets, torch.Tensor) or seq_offsets.dim() != 1:
         raise ValueError(
             f"{name} must be a 1-D int32/int64 tensor of shape [B + 1]; got "
@@ -162,8 +165,9 @@ def check_seq_offsets(seq_offsets: torch.Tensor, total_len: int, name: str = "se
         raise ValueError(f"{name} must have B + 1 >= 1 entries; got an empty tensor")
     if is_tracing():
         return
-    first, last = int(seq_offsets[0]), int(seq_offsets[-1])
-    decreasing = bool((seq_offsets[1:] < seq_offsets[:-1]).any()) if seq_offsets.numel() > 1 else False
+    first, decreasing, last = torch.stack(
+        [seq_offsets[0], (seq_offsets[1:] < seq_offsets[:-1]).any().to(seq_offsets.dtype), seq_offsets[-1]]
+    ).tolist()
     if first != 0 or decreasing or last != total_len:
         raise ValueError(
             f"{name} must be non-decreasing, start at 0 and end at the number of tokens "
@@ -181,7 +185,11 @@ def check_attention_inputs(
     options: AttentionOptions,
     dropout_pr: float = 0.0,
 ) -> None:
-    """Raise ``ValueError`` naming the argument and the expected form for bad inputs."""
+    """Raise ``ValueError`` naming the argument and the expected form for bad inputs.
+
+    Shapes, dtypes and devices are always checked; values (offsets, lengths vs
+    ``max_seq_len``, ``num_targets`` range) only in eager mode, with two host syncs.
+    """
     if not isinstance(max_seq_len, (int, torch.SymInt)) or (
         isinstance(max_seq_len, int) and max_seq_len <= 0
     ):
@@ -209,23 +217,30 @@ def check_attention_inputs(
     check_seq_offsets(seq_offsets, q.shape[0])
     batch_size = seq_offsets.numel() - 1
     if num_targets is not None:
-        if num_targets.dim() != 1 or num_targets.numel() != batch_size:
+        if not isinstance(num_targets, torch.Tensor) or num_targets.dim() != 1 or num_targets.numel() != batch_size:
             raise ValueError(
-                f"num_targets must be 1-D of shape [B]=[{batch_size}]; got {tuple(num_targets.shape)}"
+                f"num_targets must be 1-D of shape [B]=[{batch_size}]; got "
+                f"{tuple(getattr(num_targets, 'shape', ()))}"
             )
         if num_targets.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
+        if num_targets.device != q.device:
+            raise ValueError(f"num_targets must be on q's device {q.device}; got {num_targets.device}")
     if is_tracing() or batch_size == 0:
         return
     lengths = seq_offsets[1:] - seq_offsets[:-1]
-    longest = int(lengths.max())
+    stats = [lengths.max().to(torch.int64)]
+    if num_targets is not None:
+        targets = num_targets.to(torch.int64)
+        stats += [targets.min(), (targets - lengths.to(torch.int64)).max()]
+    stats = torch.stack(stats).tolist()
+    longest = stats[0]
     if isinstance(max_seq_len, int) and longest > max_seq_len:
         raise ValueError(
             f"max_seq_len={max_seq_len} is smaller than the longest sequence ({longest} tokens)"
         )
-    if num_targets is not None:
-        if bool((num_targets < 0).any()) or bool((num_targets.to(lengths.device) > lengths).any()):
-            raise ValueError(
-                "num_targets must be in [0, sequence length] for every sequence; got "
-                f"num_targets={num_targets.tolist()[:16]} for lengths={lengths.tolist()[:16]}"
-            )
+    if num_targets is not None and (stats[1] < 0 or stats[2] > 0):
+        raise ValueError(
+            "num_targets must be in [0, sequence length] for every sequence; got "
+            f"num_targets={num_targets.tolist()[:16]} for lengths={lengths.tolist()[:16]}"
+        )

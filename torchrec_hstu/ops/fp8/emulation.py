@@ -49,7 +49,7 @@ from torchrec_hstu.ops.fp8.quantize import (
 )
 from torchrec_hstu.ops.pytorch.hstu_attention import _attention_plan, _gather_index, build_mask
 
-_Group = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (gather index [b, N], lengths [b], mask)
+_Group = Tuple[torch.Tensor, torch.Tensor]  # (gather index [b, N], mask [b, 1 or H, N, N])
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -64,7 +64,8 @@ def _func_mask(func: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor) -
     """
     padded_len = index.shape[1]
     padded = torch.cat([func.to(torch.int64), func.new_zeros(func.shape[0], 3, 1, dtype=torch.int64)], dim=2)
-    f = padded[:, :, index].permute(2, 0, 3, 1)  # [b, H, N, 3]
+    f = padded.index_select(2, index.reshape(-1)).view(func.shape[0], 3, *index.shape)
+    f = f.permute(2, 0, 3, 1)  # [b, H, N, 3]
     cols = torch.arange(padded_len, device=func.device)
     in_prefix = cols < f[..., 0:1]
     in_interval = (cols >= f[..., 1:2]) & (cols < f[..., 2:3])
@@ -95,7 +96,7 @@ def _plan_groups(
         # Padded query rows must not reach any tile's amax.
         rows = torch.arange(padded_len, device=index.device)
         mask = mask & (rows < lengths.view(-1, 1)).view(-1, 1, padded_len, 1)
-        groups.append((index, lengths, mask))
+        groups.append((index, mask))
     return groups
 
 
@@ -140,8 +141,13 @@ def _silu_and_derivative(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (s64 * sig).float(), (sig * (1.0 + s64 * (1.0 - sig))).float()
 
 
-def _scatter_rows(chunks: List[Tuple[torch.Tensor, torch.Tensor]], total_len: int, num_heads: int, dim: int,
-                  device: torch.device) -> torch.Tensor:
+def _scatter_rows(
+    chunks: List[Tuple[torch.Tensor, torch.Tensor]],
+    total_len: int,
+    num_heads: int,
+    dim: int,
+    device: torch.device,
+) -> torch.Tensor:
     """Write padded ``[b, H, N, D]`` results back to jagged ``[L, H, D]`` (padded rows dropped)."""
     result = torch.zeros((total_len + 1, num_heads, dim), dtype=torch.float32, device=device)
     if chunks:
@@ -181,7 +187,7 @@ def _forward(
     v_q = _PaddedOperand(quantize_for_mode(v, seq_offsets, mode, tiles.fwd_block_n, colwise=True, chunk=chunk))
     rows, bn = tiles.fwd_p_rows, tiles.fwd_block_n
     outputs = []
-    for index, _, mask in groups:
+    for index, mask in groups:
         b, n = index.shape
         s = _scores(q_q.values_at(index), k_q.values_at(index), q_q.descale_at(index), k_q.descale_at(index), alpha)
         p = torch.where(mask, _silu(s), 0.0)
@@ -223,7 +229,7 @@ def _backward(
     v_r = _PaddedOperand(quantize_for_mode(v, seq_offsets, mode, bn, chunk=chunk))
     grad_scale = alpha / scaling_seqlen
     dqs, dks, dvs = [], [], []
-    for index, _, mask in groups:
+    for index, mask in groups:
         b, n = index.shape
         tiles_m, tiles_n = n // bm, n // bn
         s = _scores(q_r.values_at(index), k_r.values_at(index), q_r.descale_at(index), k_r.descale_at(index), alpha)

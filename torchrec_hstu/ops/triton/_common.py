@@ -258,3 +258,26 @@ def bwd_tile_ranges(n0, n, T, c, W, M, sla_k1, K2, MASK_MODE: tl.constexpr,
         ti0 = tb1
         ti1 = tb1
     return ta0, ta1, tb0, ti0, ti1, tb1
+
+
+@triton.jit
+def to_e4m3_saturated(x, INTERPRET: tl.constexpr):
+    """Saturating round-to-nearest-even cast of float32 ``x`` to float8_e4m3fn.
+
+    On the GPU this is one ``cvt.rn.satfinite`` per pair. Triton 3.6's CPU interpreter rounds
+    some values wrongly (e.g. 0.49 -> 0.25), so under ``INTERPRET`` the value is first rounded
+    to the e4m3 grid in float32 arithmetic, which its cast then keeps exactly.
+    """
+    x = tl.clamp(x, -448.0, 448.0)
+    if INTERPRET:
+        ax = tl.abs(x)
+        e = tl.floor(tl.log2(tl.maximum(ax, 1e-30)))
+        e = tl.where(tl.exp2(e) > ax, e - 1.0, e)
+        quantum = tl.exp2(tl.maximum(e, -6.0) - 3.0)
+        r = x / quantum
+        f = tl.floor(r)
+        diff = r - f
+        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+        up = (diff > 0.5) | ((diff == 0.5) & odd)
+        x = (f + tl.where(up, 1.0, 0.0)) * quantum
+    return x.to(tl.float8e4nv)

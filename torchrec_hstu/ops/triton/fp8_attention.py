@@ -35,6 +35,8 @@ from torchrec_hstu.ops.common import AttentionOptions
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
     fwd_tile_ranges,
+    interpret_mode,
+    to_e4m3_saturated,
     valid_mask,
 )
 from torchrec_hstu.ops.triton.hstu_attention import (
@@ -64,7 +66,7 @@ def _fp8_fwd_tile(
     stride_kn, stride_kdn, stride_vdn, stride_vdd, n, T, c, W, M, sla_k1, K2, alpha,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr, P_ROWS: tl.constexpr, QUANT_MODE: tl.constexpr,
-    MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
+    MASK_MODE: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     cols = j0 + offs_n
     col_in = cols < n
@@ -72,9 +74,12 @@ def _fp8_fwd_tile(
         k = tl.load(k_ptrs + j0 * stride_kn, mask=col_in[:, None] & (offs_dqk[None, :] < DQK),
                     other=0.0)
         vt = tl.load(vt_ptrs + j0, mask=(offs_dv[:, None] < DV) & col_in[None, :], other=0.0)
-    else:
+    elif BLOCK_DQK != DQK or BLOCK_DV != DV:
         k = tl.load(k_ptrs + j0 * stride_kn, mask=offs_dqk[None, :] < DQK, other=0.0)
         vt = tl.load(vt_ptrs + j0, mask=offs_dv[:, None] < DV, other=0.0)
+    else:
+        k = tl.load(k_ptrs + j0 * stride_kn)
+        vt = tl.load(vt_ptrs + j0)
     s = tl.dot(q, tl.trans(k))
     if QUANT_MODE != 0:
         kd = tl.load(kd_ptrs + j0 * stride_kdn, mask=col_in, other=1.0)
@@ -85,7 +90,7 @@ def _fp8_fwd_tile(
         valid = valid_mask(offs_m[:, None], cols[None, :], n, T, c, W, M, sla_k1, K2, MASK_MODE)
         p = tl.where(valid, p, 0.0)
     if QUANT_MODE == 0:
-        p8 = tl.clamp(p, -448.0, 448.0).to(tl.float8e4nv)
+        p8 = to_e4m3_saturated(p, INTERPRET)
         acc = tl.dot(p8, tl.trans(vt), acc)
     else:
         row_max = tl.max(tl.abs(p), axis=1)
@@ -93,7 +98,7 @@ def _fp8_fwd_tile(
         p_scale = tl.maximum(group_max / 448.0, 1e-6)
         row_scale = tl.reshape(
             tl.broadcast_to(p_scale[:, None], (BLOCK_M // P_ROWS, P_ROWS)), (BLOCK_M,))
-        p8 = tl.clamp(p * (1.0 / row_scale)[:, None], -448.0, 448.0).to(tl.float8e4nv)
+        p8 = to_e4m3_saturated(p * (1.0 / row_scale)[:, None], INTERPRET)
         pv = tl.dot(p8, tl.trans(vt))
         vd = tl.load(vd_ptrs + j0 * stride_vdn + offs_dv * stride_vdd, mask=offs_dv < DV,
                      other=1.0)
@@ -112,6 +117,7 @@ def _fp8_fwd_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_ROWS: tl.constexpr,
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -146,22 +152,22 @@ def _fp8_fwd_kernel(
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True)
+                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET)
     for j0 in range(tb0, ti0, BLOCK_N):
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True)
+                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET)
     for j0 in range(ti0, ti1, BLOCK_N):
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, False)
+                            P_ROWS, QUANT_MODE, MASK_MODE, False, INTERPRET)
     for j0 in range(ti1, tb1, BLOCK_N):
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True)
+                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET)
     o_ptrs = Out + start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, (acc * out_scale).to(Out.dtype.element_ty),
              mask=row_in[:, None] & (offs_dv[None, :] < DV))
@@ -173,12 +179,12 @@ def _fp8_fwd_kernel(
 
 
 @triton.jit
-def _tile_quant(x, QUANT_MODE: tl.constexpr):
+def _tile_quant(x, QUANT_MODE: tl.constexpr, INTERPRET: tl.constexpr):
     """One scale for the whole tile (mode 0: saturating cast, scale 1)."""
     if QUANT_MODE == 0:
-        return tl.clamp(x, -448.0, 448.0).to(tl.float8e4nv), 1.0
+        return to_e4m3_saturated(x, INTERPRET), 1.0
     scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 448.0, 1e-6)
-    return tl.clamp(x * (1.0 / scale), -448.0, 448.0).to(tl.float8e4nv), scale
+    return to_e4m3_saturated(x * (1.0 / scale), INTERPRET), scale
 
 
 @triton.jit
@@ -191,6 +197,7 @@ def _fp8_bwd_tile(
     n, T, c, W, M, sla_k1, K2, alpha,
     DQK: tl.constexpr, DV: tl.constexpr, QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
     MASKED: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     rows = m0 + offs_m
     row_in = rows < n
@@ -207,7 +214,7 @@ def _fp8_bwd_tile(
         valid = valid_mask(rows[None, :], offs_n[:, None], n, T, c, W, M, sla_k1, K2, MASK_MODE)
         pT = tl.where(valid, pT, 0.0)
     if COMPUTE_DV:
-        p8T, p_scale = _tile_quant(pT, QUANT_MODE)
+        p8T, p_scale = _tile_quant(pT, QUANT_MODE, INTERPRET)
         doct = tl.load(doct_ptrs + m0, mask=(offs_dv[:, None] < DV) & row_in[None, :], other=0.0)
         pdo = tl.dot(p8T, tl.trans(doct))
         if QUANT_MODE == 0:
@@ -226,7 +233,7 @@ def _fp8_bwd_tile(
         dsT = dpT * (sigT * (1.0 + sT * (1.0 - sigT)))
         if MASKED:
             dsT = tl.where(valid, dsT, 0.0)
-        ds8T, ds_scale = _tile_quant(dsT, QUANT_MODE)
+        ds8T, ds_scale = _tile_quant(dsT, QUANT_MODE, INTERPRET)
         qct = tl.load(qct_ptrs + m0, mask=(offs_dqk[:, None] < DQK) & row_in[None, :], other=0.0)
         dsq = tl.dot(ds8T, tl.trans(qct))
         dq = tl.dot(tl.trans(ds8T), tl.trans(kct))
@@ -258,7 +265,7 @@ def _fp8_bwd_kernel(
     DQK: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     n_block = tl.program_id(1)
@@ -321,28 +328,28 @@ def _fp8_bwd_kernel(
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET)
     for m0 in range(tb0, ti0, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET)
     for m0 in range(ti0, ti1, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET)
     for m0 in range(ti1, tb1, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET)
     if COMPUTE_DKDQ:
         tl.store(DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm
                  + offs_dqk[None, :], (dk * dk_scale).to(DK.dtype.element_ty),
@@ -381,8 +388,6 @@ def _vec_strides(token_descale: torch.Tensor) -> Tuple[int, int, int]:
 
 def fp8_fwd_candidates(dqk: int, dv: int) -> list:
     """Forward configs (``block_n`` is fixed by the FP8 definition and ignored here)."""
-    from torchrec_hstu.ops.triton._common import interpret_mode
-
     if interpret_mode():
         return [KernelConfig(32, 0, 4, 1)]
     if max(dqk, dv) <= 128:
@@ -392,8 +397,6 @@ def fp8_fwd_candidates(dqk: int, dv: int) -> list:
 
 def fp8_bwd_candidates(dqk: int, dv: int) -> list:
     """Backward configs (tile sizes fixed by the FP8 definition; warps, stages, split vary)."""
-    from torchrec_hstu.ops.triton._common import interpret_mode
-
     if interpret_mode():
         return [KernelConfig(0, 0, 4, 1)]
     if max(dqk, dv) <= 128:
@@ -447,6 +450,7 @@ def fp8_fwd(
             DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
             BLOCK_M=cfg.block_m, BLOCK_N=tiles.fwd_block_n, P_ROWS=tiles.fwd_p_rows,
             QUANT_MODE=fp8_quant_mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
+            INTERPRET=interpret_mode(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -523,7 +527,7 @@ def fp8_bwd(
             DQK=dqk, DV_DIM=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
             BLOCK_M=bm, BLOCK_N=bn,
             QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
-            COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq,
+            COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq, INTERPRET=interpret_mode(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
