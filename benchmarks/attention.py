@@ -160,6 +160,8 @@ def run_case(
         record("pytorch_reference", "fwd", bench(ref))
 
     if extra_masks:
+        # The plain-causal winners serve these mask modes too (no extra autotuning here).
+        os.environ["TORCHREC_HSTU_TRITON_AUTOTUNE"] = "0"
         # Work skipping: no mask (2x the causal work), and windows (work ~ window).
         full_fwd, _ = ours(AttentionOptions(causal=False))
         full_fwd()
@@ -168,12 +170,28 @@ def run_case(
         for window in (max_len // 8, max_len // 4):
             wf, _ = ours(AttentionOptions(max_attn_len=window))
             wf()
-            record(f"triton_bf16_window{window}", "fwd", bench(wf))
+            # Useful work of a window: row i sees min(i, W) + 1 keys.
+            pairs = sum(sum(min(i, window) + 1 for i in range(n)) for n in lengths)
+            record(f"triton_bf16_window{window}", "fwd", bench(wf),
+                   pairs / sum(n * (n + 1) / 2 for n in lengths))
         targets = torch.full((batch,), 16, device=device)
         tf, tfb = ours(AttentionOptions(contextual_seq_len=8), targets)
         tf(); tfb()
         record("triton_bf16_ctx8_targets16", "fwd", bench(tf))
         record("triton_bf16_ctx8_targets16", "fwd_bwd", bench(tfb), 3.5)
+        os.environ.pop("TORCHREC_HSTU_TRITON_AUTOTUNE")
+        if 2 in fp8_modes:
+            # FP8 with Hopper's fast (imprecise) fp8 accumulation, for comparison.
+            from torchrec_hstu.ops.triton import fp8_attention
+
+            fp8_attention.FP8_FAST_ACCUMULATION = True
+            try:
+                f8, f8b = ours(AttentionOptions(fp8_quant_mode=2))
+                f8(); f8b()
+                record("triton_fp8_mode2_fastacc", "fwd", bench(f8))
+                record("triton_fp8_mode2_fastacc", "fwd_bwd", bench(f8b), 3.5)
+            finally:
+                fp8_attention.FP8_FAST_ACCUMULATION = False
     return rows
 
 
@@ -254,6 +272,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--fp8-modes", default="0,1,2,3,4,5",
                         help="comma-separated fp8_quant_mode values ('' for none)")
+    parser.add_argument("--fp8-all-modes-at", default="",
+                        help="N:D where all six FP8 modes run (e.g. 4096:128)")
     parser.add_argument("--lengths", default="full,jagged")
     parser.add_argument("--reference-max-n", type=int, default=2048)
     parser.add_argument("--tag", default="attention")
@@ -266,26 +286,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("torchrec_hstu").setLevel(logging.INFO)
     fp8_modes = [int(m) for m in args.fp8_modes.split(",") if m != ""]
-    rows: List[Dict] = []
-    for dim in [int(d) for d in args.dims.split(",")]:
-        for max_len in [int(n) for n in args.seq_lens.split(",")]:
-            batch = 32 if max_len <= 2048 else 16
-            for lengths in args.lengths.split(","):
-                rows += run_case(batch, max_len, dim, args.heads, lengths == "jagged", fp8_modes,
-                                 with_reference=max_len <= args.reference_max_n,
-                                 extra_masks=(max_len == 4096 and dim == 128 and lengths == "full"))
+    all_modes_at = tuple(int(x) for x in args.fp8_all_modes_at.split(":")) if args.fp8_all_modes_at else None
     device_name = torch.cuda.get_device_name().replace(" ", "-")
     date = datetime.date.today().isoformat()
     meta = dict(date=date, device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                 command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])))
-    ratios = ratio_table(rows)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"{date}-{device_name}-{args.tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows, ratios=ratios), f, indent=1)
-    write_markdown(stem + ".md", meta, rows, ratios)
-    plot(stem + ".png", rows)
+    rows: List[Dict] = []
+    for dim in [int(d) for d in args.dims.split(",")]:
+        for max_len in [int(n) for n in args.seq_lens.split(",")]:
+            batch = 32 if max_len <= 2048 else 16
+            modes = [0, 1, 2, 3, 4, 5] if all_modes_at == (max_len, dim) else fp8_modes
+            for lengths in args.lengths.split(","):
+                rows += run_case(batch, max_len, dim, args.heads, lengths == "jagged", modes,
+                                 with_reference=max_len <= args.reference_max_n,
+                                 extra_masks=(max_len == 4096 and dim == 128 and lengths == "full"))
+                # Written after every case, so a run cut short keeps what it measured.
+                ratios = ratio_table(rows)
+                with open(stem + ".json", "w") as f:
+                    json.dump(dict(meta=meta, rows=rows, ratios=ratios), f, indent=1)
+                write_markdown(stem + ".md", meta, rows, ratios)
+                plot(stem + ".png", rows)
     print("\nratios:")
     for e in ratios:
         print("  ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in e.items()})

@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cases", default="a,b")
     parser.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--tag", default="cpu2t", help="device part of the result file names")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -255,7 +256,7 @@ def main() -> None:
     if args.quick:
         return
     date = datetime.date.today().isoformat()
-    device = "cpu2t"
+    device = args.tag
     command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
     meta = dict(
         date=date,

@@ -202,7 +202,7 @@ class RetrievalTask:
                 f"{self.split.train.num_interactions} training interactions")
 
     def step(self, dmp: torch.nn.Module, rows: torch.Tensor, epoch: int, step: int) -> Tuple[torch.Tensor, int, int]:
-        """This rank's share of the global loss, its sequences and tokens."""
+        """This rank's scaled loss (``global_mean_scale``), its sequences and tokens."""
         args, device = self.args, self.env.device
         batch = make_batch(self.split.train, rows, args.max_seq_len)
         local_count = int(torch.clamp(batch.lengths - 1, min=0).sum())
@@ -347,6 +347,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     plan, sharders = plan_sharding(
         task.train_module, env.world_size, env.device.type, args.sharding, emb_opt,
         batch_size_per_rank=args.global_batch_size // env.world_size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
     )
     dmp = shard_model(task.train_module, plan, sharders, env.device)
     optimizer = build_optimizer(
@@ -415,12 +416,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            shares.append(loss.detach().float().reshape(1))
+            # The scaled losses average (over ranks) to the global-batch mean.
+            shares.append(loss.detach().float().reshape(1) / env.world_size)
             steps_done.append(global_step)
             train_seconds += time.perf_counter() - begin
             seqs, tokens = seqs + n_seq, tokens + n_tok
             global_step += 1
-            bar.set_postfix(loss_share=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item() / env.world_size:.4f}")
             last_in_epoch = step + 1 == steps_per_epoch
             if args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0 and not last_in_epoch:
                 save(epoch, step + 1)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.1)
     g.add_argument("--kernel", default=None, help="override the config's kernel (auto, pytorch, triton, cutlass)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=8)
+    g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--eval-batch-size", type=int, default=256)

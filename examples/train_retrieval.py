@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dim", type=int, default=32, help="q/k dim per head")
     g.add_argument("--hidden-dim", type=int, default=32, help="u/v dim per head")
     g.add_argument("--max-seq-len", type=int, default=200, help="keep the latest this-many interactions")
-    g.add_argument("--dropout", type=float, default=0.2, help="input and STU output dropout")
+    g.add_argument("--dropout", type=float, default=0.1, help="input and STU output dropout")
     g.add_argument("--num-gap-buckets", type=int, default=32, help="gap-to-previous-interaction embedding buckets (0: off)")
     g.add_argument("--no-time-encoding", action="store_true", help="drop the positional encoder's time buckets")
     g.add_argument("--kernel", default=None,

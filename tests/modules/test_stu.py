@@ -261,7 +261,7 @@ def test_gpu_layer_matches_cpu():
     results = []
     for device in ("cpu", "cuda"):
         layer_d = copy.deepcopy(layer).to(device)
-        xd = x.to(device).requires_grad_()
+        xd = x.detach().clone().to(device).requires_grad_()
         out = layer_d(xd, batch.seq_offsets.to(device), 30, batch.num_targets_tensor().to(device))
         out.square().sum().backward()
         results.append([out.detach().cpu(), xd.grad.cpu()] + [p.grad.cpu() for p in layer_d.parameters()])

@@ -192,7 +192,7 @@ def test_traced_path_single_group_padded_to_max_seq_len(monkeypatch):
     monkeypatch.setattr(pt_attention, "is_tracing", lambda: True)
     monkeypatch.setattr(pt_attention, "build_mask", spy)
     traced = hstu_attention(q, k, v, batch.seq_offsets, 9, 0.4, options, batch.num_targets_tensor())
-    assert calls == [9]  # one group, padded to max_seq_len
+    assert len(calls) == 1 and calls[0] >= 9  # one group, padded to (at least) max_seq_len
     torch.testing.assert_close(traced, eager, atol=1e-12, rtol=1e-12)
 
 
@@ -413,7 +413,7 @@ def test_gpu_gradients_match_cpu():
     grad = torch.randn(batch.total_len, 2, 8, dtype=torch.float64)
     results = []
     for device in ("cpu", "cuda"):
-        qq, kk, vv = (x.to(device).requires_grad_() for x in (q, k, v))
+        qq, kk, vv = (x.detach().clone().to(device).requires_grad_() for x in (q, k, v))
         out = hstu_mha(70, 0.25, qq, kk, vv, batch.seq_offsets.to(device),
                        num_targets=batch.num_targets_tensor().to(device), contextual_seq_len=2, max_attn_len=9)
         out.backward(grad.to(device))

@@ -149,7 +149,7 @@ def _options(draw, contextual_seq_len: int) -> AttentionOptions:
     return AttentionOptions(contextual_seq_len=contextual_seq_len, fp8_quant_mode=mode)
 
 
-@settings(max_examples=14)
+@settings(max_examples=10)
 @given(
     batch=jagged_batches(max_batch=16, max_len=400),
     data=st.data(),

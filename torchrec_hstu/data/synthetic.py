@@ -185,11 +185,11 @@ class ImpressionConfig:
         seed: RNG seed.
     """
 
-    num_users: int = 4000
-    num_items: int = 2000
-    num_topics: int = 20
-    history_len: int = 40
-    num_candidates: int = 8
+    num_users: int = 6000
+    num_items: int = 500
+    num_topics: int = 10
+    history_len: int = 30
+    num_candidates: int = 10
     zipf_exponent: float = 0.8
     seed: int = 0
 

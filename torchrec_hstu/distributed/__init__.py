@@ -1,7 +1,8 @@
 """Distributed training of HSTU models with torchrec ``DistributedModelParallel``.
 
 * :mod:`~torchrec_hstu.distributed.sharding`: plan (``EmbeddingShardingPlanner``, table-wise /
-  row-wise) and wrap a model in DMP with summed dense gradients; one keyed optimizer.
+  row-wise) and wrap a model in DMP; one keyed optimizer; the loss scaling that makes ``W``
+  ranks train like one process.
 * :mod:`~torchrec_hstu.distributed.data`: global batches and each rank's share; padded
   evaluation shards.
 * :mod:`~torchrec_hstu.distributed.metrics`: sums and gathers across ranks.
@@ -20,6 +21,7 @@ from torchrec_hstu.distributed.checkpoint import (
     load_checkpoint,
     read_dcp_metadata,
     read_manifest,
+    read_tensors,
     save_checkpoint,
 )
 from torchrec_hstu.distributed.data import (
@@ -35,7 +37,6 @@ from torchrec_hstu.distributed.sharding import (
     EMBEDDING_OPTIMIZERS,
     SHARDING_CHOICES,
     EmbeddingOptimizerConfig,
-    SumDataParallelWrapper,
     build_optimizer,
     describe_plan,
     embedding_table_names,
@@ -50,7 +51,6 @@ __all__ = [
     "EMBEDDING_OPTIMIZERS",
     "EmbeddingOptimizerConfig",
     "SHARDING_CHOICES",
-    "SumDataParallelWrapper",
     "all_gather_1d",
     "all_reduce_sum",
     "build_optimizer",
@@ -68,6 +68,7 @@ __all__ = [
     "rank_slice",
     "read_dcp_metadata",
     "read_manifest",
+    "read_tensors",
     "save_checkpoint",
     "shard_model",
     "step_generator",

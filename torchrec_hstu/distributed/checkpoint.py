@@ -490,6 +490,36 @@ def load_checkpoint(
     return info
 
 
+def read_tensors(path: str, prefix: str = "", verify_files: bool = True) -> Dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (or those whose name starts with ``prefix``), unsharded.
+
+    Needs no process group and no model: for inspection, tests and conversion.
+
+    Args:
+        path: checkpoint folder.
+        prefix: e.g. ``"model."`` for the weights or ``"optimizer."`` for the optimizer state.
+        verify_files: check sizes and sha256 against the manifest first.
+
+    Returns:
+        ``{name: full tensor}`` with DCP's dotted names, e.g.
+        ``"model.embedding_collection.embeddings.item_table.weight"``.
+    """
+    read_manifest(path, verify_files=verify_files)
+    metadata = read_dcp_metadata(path)
+    state = {
+        name: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        for name, entry in metadata.state_dict_metadata.items()
+        if name.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    try:
+        dcp.load(state, storage_reader=_SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner(), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
+    return state
+
+
 def list_checkpoints(directory: str) -> List[str]:
     """Complete checkpoint folders (with a manifest) under ``directory``, oldest first."""
     if not os.path.isdir(directory):

@@ -5,12 +5,14 @@ The item tables (every ``EmbeddingCollection``) are sharded by torchrec's
 their optimizer is fused into the backward of the FBGEMM kernel. Everything else (the HSTU
 transducer, heads, small ``nn.Embedding`` tables) is replicated and data-parallel (DDP).
 
-Gradient convention: every rank's loss is its share of the global-batch loss (the sum of its
-per-example terms over the global number of examples, :func:`global_mean_scale`). The sharded
-embedding backward already sums the contributions of all ranks, so the dense gradients are
-all-reduced with a sum too (:class:`SumDataParallelWrapper`, not DDP's default mean). Both
-then equal the gradient of the global-batch mean: ``W`` ranks with ``B`` examples each train
-exactly like one process with ``W * B`` examples (up to float summation order).
+Gradient convention (torchrec's): DDP averages the dense gradients over ranks, and the
+sharded embedding backward divides by the world size too (torchrec's gradient division, on by
+default; :func:`shard_model` refuses to run with it off). A rank's loss is therefore scaled
+to ``W * (sum of its per-example terms) / (global number of examples)``
+(:func:`global_mean_scale`): the mean over ranks of these losses is the global-batch mean, and
+both gradients equal the gradient of the global-batch mean. ``W`` ranks with ``B`` examples
+each train exactly like one process with ``W * B`` examples (up to float summation order),
+also when ranks hold different numbers of examples (jagged sequences).
 """
 
 import dataclasses
@@ -20,11 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.comm_ops import get_gradient_division
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -112,6 +114,7 @@ def plan_sharding(
     sharding: str = "auto",
     embedding_optimizer: EmbeddingOptimizerConfig = EmbeddingOptimizerConfig(),
     batch_size_per_rank: Optional[int] = None,
+    local_world_size: Optional[int] = None,
     process_group: Optional[dist.ProcessGroup] = None,
 ) -> Tuple[ShardingPlan, List[EmbeddingCollectionSharder]]:
     """Plan the sharding of ``module``'s item tables with ``EmbeddingShardingPlanner``.
@@ -126,6 +129,7 @@ def plan_sharding(
             torchrec sharding type from :data:`SHARDING_CHOICES`.
         embedding_optimizer: the fused optimizer of the tables.
         batch_size_per_rank: sequences per rank (the planner's cost model), if known.
+        local_world_size: ranks per host (torchrun's ``LOCAL_WORLD_SIZE``); default: all.
         process_group: default: the world.
 
     Returns:
@@ -147,7 +151,7 @@ def plan_sharding(
     if batch_size_per_rank is not None:
         kwargs["batch_size"] = batch_size_per_rank
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device_type),
+        topology=Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world_size),
         constraints=constraints,
         **kwargs,
     )
@@ -179,36 +183,13 @@ def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _allreduce_sum_hook(
-    process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: all-reduce a gradient bucket with a sum (no division)."""
-    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-class SumDataParallelWrapper(DefaultDataParallelWrapper):
-    """torchrec's DDP wrapper of the unsharded part, with gradients summed over ranks.
-
-    See the module docstring: with per-rank losses that are shares of the global mean, a sum
-    makes dense gradients consistent with the sharded tables' (which are summed by the
-    embedding all-to-all backward).
-    """
-
-    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        super().wrap(dmp, env, device)
-        wrapped = dmp._dmp_wrapped_module
-        if isinstance(wrapped, DistributedDataParallel):
-            wrapped.register_comm_hook(env.process_group, _allreduce_sum_hook)
-
-
 def shard_model(
     module: nn.Module,
     plan: ShardingPlan,
     sharders: Sequence[EmbeddingCollectionSharder],
     device: torch.device,
 ) -> DistributedModelParallel:
-    """Wrap ``module`` in DMP: tables sharded by ``plan``, the rest DDP with summed gradients.
+    """Wrap ``module`` in DMP: tables sharded by ``plan``, the rest replicated (DDP).
 
     Every rank must pass a module with the same initial weights (build it after seeding
     identically): each rank's table shards are copied from its own copy of the full table.
@@ -222,13 +203,12 @@ def shard_model(
     Returns:
         The ``DistributedModelParallel`` (``dmp.module`` is ``module`` with sharded tables).
     """
-    return DistributedModelParallel(
-        module,
-        device=device,
-        plan=plan,
-        sharders=list(sharders),
-        data_parallel_wrapper=SumDataParallelWrapper(),
-    )
+    if not get_gradient_division():
+        raise ValueError(
+            "torchrec gradient division is off (torchrec.distributed.comm_ops.set_gradient_division"
+            "(False)); the loss scaling of global_mean_scale assumes it is on"
+        )
+    return DistributedModelParallel(module, device=device, plan=plan, sharders=list(sharders))
 
 
 def build_optimizer(
@@ -252,20 +232,24 @@ def build_optimizer(
 
 
 def global_mean_scale(local_count: int, device: torch.device) -> Tuple[float, int]:
-    """Factor that turns a rank's mean loss into its share of the global-batch mean.
+    """Factor that turns a rank's mean loss into its loss under the gradient convention.
 
-    Collective (one all-reduce of an int64 scalar, the same call on every rank).
+    ``W * local_count / global_count``: multiplied by it, a rank's mean over its
+    ``local_count`` examples becomes ``W`` times its share of the global-batch mean, whose
+    average over ranks (what DDP and torchrec's gradient division differentiate) is the
+    global-batch mean. Collective: one all-reduce of an int64 scalar on every rank.
 
     Args:
         local_count: examples behind this rank's mean loss (e.g. supervised positions).
         device: device of the all-reduce tensor (``cuda`` under NCCL).
 
     Returns:
-        ``(local_count / global_count, global_count)``; ``(0.0, 0)`` when no rank has any.
+        ``(scale, global_count)``; ``(0.0, 0)`` when no rank has any example.
     """
     count = torch.tensor([local_count], dtype=torch.int64, device=device)
+    world_size = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
+        world_size = dist.get_world_size()
     total = int(count.item())
-    return (local_count / total if total > 0 else 0.0), total
-
+    return (world_size * local_count / total if total > 0 else 0.0), total

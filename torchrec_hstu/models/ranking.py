@@ -279,6 +279,8 @@ class HSTURanking(nn.Module):
             seq_embeddings[key] = JaggedTensor(values=jt.values().to(dense), lengths=jt.lengths().to(dense))
         sizes = [seq_embeddings[c].values().shape[0] for c in self.channels]
         timestamps = dict(zip(self.channels, torch.split(history_timestamps.to(dense), sizes)))
+        # Under torch.export the lookup's per-key sizes are unbacked: tie the candidates' to T.
+        torch._check(seq_embeddings[self.candidate_feature_name].values().shape[0] == candidate_timestamps.shape[0])
         timestamps[self.candidate_feature_name] = candidate_timestamps.to(dense)
         actions = dict(zip(self.channels, torch.split(history_actions.to(dense), sizes)))
         user = self.encoder(seq_embeddings, seq_timestamps=timestamps, seq_actions=actions).candidate_embeddings

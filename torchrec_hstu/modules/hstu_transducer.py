@@ -268,16 +268,22 @@ class HSTUTransducer(nn.Module):
         targets = torch.zeros_like(lengths) if num_targets is None else num_targets.to(lengths.dtype)
         history_offsets = lengths_to_offsets(lengths - targets)
         target_offsets = lengths_to_offsets(targets)
+        # Read the totals once: under torch.export each read is a new unbacked size, and the
+        # candidates and their timestamps must share one.
+        total_targets = target_offsets[-1].item()
+        torch._check(total_targets >= 0)
+        torch._check(total_targets <= x.shape[0])
+        totals = (x.shape[0] - total_targets, total_targets)
         full: Optional[JaggedTensor] = None
         if self.return_full_embeddings:
             x = self.output_postprocessor(x, timestamps)
             full = jagged_tensor(x, x_offsets)
-            _, candidates = split_2D_jagged(x, history_offsets, target_offsets)
+            _, candidates = split_2D_jagged(x, history_offsets, target_offsets, *totals)
         else:
-            _, candidates = split_2D_jagged(x, history_offsets, target_offsets)
+            _, candidates = split_2D_jagged(x, history_offsets, target_offsets, *totals)
             candidate_timestamps = None
             if timestamps is not None:
-                _, candidate_timestamps = split_2D_jagged(timestamps, history_offsets, target_offsets)
+                _, candidate_timestamps = split_2D_jagged(timestamps, history_offsets, target_offsets, *totals)
             candidates = self.output_postprocessor(candidates, candidate_timestamps)
         return HSTUTransducerOutput(
             candidate_embeddings=jagged_tensor(candidates, target_offsets),

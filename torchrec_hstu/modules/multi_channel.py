@@ -71,7 +71,8 @@ class MultiChannelHSTU(nn.Module):
             unique and non-empty; a single channel may be unnamed (key ``"uih"``).
         candidate_feature_name: key of the candidate embeddings (and timestamps).
         max_seq_len: longest ``contextual + history + candidates`` sequence a channel accepts
-            (0: no bound); checked in eager mode and used as the padding bound when tracing.
+            (0: no bound); checked in eager mode, a runtime assertion of an exported program
+            (which, like eager, uses each channel's exact batch maximum).
 
     Example::
 
@@ -223,9 +224,13 @@ class MultiChannelHSTU(nn.Module):
         """Longest channel sequence before the contextual prefix (the transducer adds it)."""
         prefix = transducer.contextual_seq_len
         if is_tracing():
-            if self.max_seq_len <= 0:
-                raise ValueError("max_seq_len must be > 0 when tracing/exporting MultiChannelHSTU")
-            return max(self.max_seq_len - prefix, 1)
+            # The exact batch maximum as an unbacked size, so an exported model pads and scales
+            # (scaling_seqlen=-1) as eager does; the bound becomes a runtime assertion.
+            longest_traced = torch.cat([lengths, lengths.new_ones(1)]).max().item()
+            torch._check(longest_traced >= 1)
+            if self.max_seq_len > 0:
+                torch._check(longest_traced + prefix <= self.max_seq_len)
+            return longest_traced
         longest = int(lengths.max()) if lengths.numel() > 0 else 0
         if self.max_seq_len > 0 and longest + prefix > self.max_seq_len:
             raise ValueError(

@@ -8,7 +8,7 @@ No softmax. The reference is also what trains on CPU, so it does not pay for pad
 sequences are grouped by length (longest first, a group closes when the next sequence is
 shorter than ``GROUP_LENGTH_RATIO`` of its longest) and each group is padded only to its own
 longest sequence. Under tracing (torch.export / compile) there is one group padded to
-``max_seq_len``, which needs no host sync.
+``max_seq_len + 1``, which needs no host sync.
 
 Half-precision inputs are computed in float32 and cast back, float64 stays float64, so the
 reference doubles as a test oracle for the fast kernels. One autograd node covers all groups and
@@ -117,7 +117,9 @@ def _attention_plan(
         return cache["groups"]
     batch_size = seq_offsets.numel() - 1
     if is_tracing():
-        groups = [(torch.arange(batch_size, device=seq_offsets.device), max_seq_len)]
+        # One spare (always masked) slot keeps the padded length >= 2 when max_seq_len is a
+        # symbolic size that may be 1: inductor's bmm lowering cannot guard on ``N == 1``.
+        groups = [(torch.arange(batch_size, device=seq_offsets.device), max_seq_len + 1)]
     else:
         lengths = (seq_offsets[1:] - seq_offsets[:-1]).tolist()
         groups = [
@@ -132,8 +134,8 @@ def _attention_plan(
 class _JaggedAttention(torch.autograd.Function):
     """Reference attention over all length groups as one autograd node.
 
-    Per group (``index: [b, N]`` token rows with padded slots = ``L``, ``mask: [b, 1, N, N]``
-    bool, ``keep: [b, H, N, N]`` bool dropout mask or None)::
+    Per group (``index: [b, N]`` token rows with padded slots = ``L``, ``masked_out: [b, 1, N, N]``
+    bool, True where the mask is off; ``keep: [b, H, N, N]`` bool dropout mask or None)::
 
         S = (alpha Q) K^T;  O = (silu(S) * mask [* keep]) @ V * out_scale
 
@@ -150,11 +152,11 @@ class _JaggedAttention(torch.autograd.Function):
         dim_v = v.shape[2]
         result = q.new_zeros((total_len + 1, num_heads, dim_v), dtype=compute_dtype)
         scores_per_group: List[torch.Tensor] = []
-        for index, mask, keep in groups:
+        for index, masked_out, keep in groups:
             qg, kg, vg = (_gather(x, index, total_len, compute_dtype) for x in (q, k, v))
-            scores = torch.matmul(qg * alpha, kg.transpose(-1, -2))
+            scores = torch.matmul(qg.mul_(alpha), kg.transpose(-1, -2))
             weights = F.silu(scores)
-            weights.mul_(mask)
+            weights.masked_fill_(masked_out, 0.0)
             if keep is not None:
                 weights.mul_(keep)
             out = torch.matmul(weights, vg)
@@ -182,14 +184,14 @@ class _JaggedAttention(torch.autograd.Function):
             q.new_zeros((total_len + 1, num_heads, dim), dtype=dtype) if needed else None
             for needed, dim in ((need_q, dim_qk), (need_k, dim_qk), (need_v, dim_v))
         ]
-        for (index, mask, keep), scores in zip(ctx.groups, ctx.scores):
+        for (index, masked_out, keep), scores in zip(ctx.groups, ctx.scores):
             flat_index = index.reshape(-1)
             qg, kg, vg = (_gather(x, index, total_len, dtype) for x in (q, k, v))
-            grad_og = grad_out[index].transpose(1, 2) * ctx.out_scale  # [b, H, N, Dv]
+            grad_og = grad_out[index].transpose(1, 2).mul(ctx.out_scale).contiguous()  # [b, H, N, Dv]
             sig = torch.sigmoid(scores)
             if need_v:
                 weights = scores * sig
-                weights.mul_(mask)
+                weights.masked_fill_(masked_out, 0.0)
                 if keep is not None:
                     weights.mul_(keep)
                 grad_vg = torch.matmul(weights.transpose(-1, -2), grad_og)
@@ -197,7 +199,7 @@ class _JaggedAttention(torch.autograd.Function):
                 grads[2].index_copy_(0, flat_index, grad_vg.transpose(1, 2).reshape(-1, num_heads, dim_v))
             if need_q or need_k:
                 grad_scores = torch.matmul(grad_og, vg.transpose(-1, -2))
-                grad_scores.mul_(mask)
+                grad_scores.masked_fill_(masked_out, 0.0)
                 if keep is not None:
                     grad_scores.mul_(keep)
                 # silu'(s) = sig * (1 + s * (1 - sig)), applied in two in-place passes.
@@ -218,12 +220,13 @@ class _JaggedAttention(torch.autograd.Function):
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, total_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``index: [b, N]`` of jagged ``x: [L, H, D]`` as ``[b, H, N, D]`` in ``dtype``.
+    """Rows ``index: [b, N]`` of jagged ``x: [L, H, D]`` as contiguous ``[b, H, N, D]`` in ``dtype``
+    (a new tensor: callers may modify it in place).
 
     Padded slots (``index == L``) read row 0; callers mask them (keys) or drop them (queries).
     """
     read_index = torch.where(index < total_len, index, torch.zeros_like(index))
-    return x[read_index].transpose(1, 2).to(dtype)
+    return x[read_index].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
 
 
 def pytorch_hstu_attention(
@@ -284,7 +287,8 @@ def pytorch_hstu_attention(
             mask = masks[group_id]
         else:
             group_targets = None if num_targets is None else num_targets.to(torch.int64)[seq_ids]
-            mask = build_mask(options, group_lengths, padded_len, group_targets).unsqueeze(1)
+            # Stored inverted ([b, 1, N, N], True = masked out) for masked_fill_.
+            mask = ~build_mask(options, group_lengths, padded_len, group_targets).unsqueeze(1)
             new_masks.append(mask)
         keep = None
         if dropout_on:

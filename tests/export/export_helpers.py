@@ -1,0 +1,94 @@
+"""Shared pieces of the export tests: test configs, request batches, the eager oracle."""
+
+import os
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+TWO_CHANNEL_CONFIG = os.path.join(HERE, "configs", "two_channel.pbtxt")
+
+#: Tolerances of package / exported-program outputs vs eager ``model.eval()`` (float32 models).
+#: High-precision channels: inductor reorders float32 sums, ~1e-7 differences observed.
+FP32_ATOL = FP32_RTOL = 1e-5
+#: A channel with FP8 attention: a ~1e-7 change of q/k/v can move a value across an FP8
+#: rounding boundary (e4m3 has 3 mantissa bits) in the fused package, so a few elements may
+#: differ by about one FP8 step of one attention output; the exported program run through
+#: ``ExportedProgram.module()`` executes eager's ops and is held to FP32_ATOL.
+FP8_ATOL = FP8_RTOL = 2e-3
+
+
+def ranking_batch(
+    history_lengths: Sequence[Sequence[int]],
+    num_targets: Sequence[int],
+    num_items: int,
+    seed: int = 0,
+) -> Dict[str, torch.Tensor]:
+    """A ranking request batch.
+
+    Args:
+        history_lengths: per channel, ``B`` history lengths.
+        num_targets: ``B`` candidate counts.
+        num_items: ids are drawn from ``[0, num_items)``.
+        seed: RNG seed.
+
+    Returns:
+        The flat inputs of ``HSTURanking.forward`` by name (int64).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    flat = [n for channel in history_lengths for n in channel]
+    total = sum(flat)
+    stamps = [torch.sort(torch.randint(0, 5_000_000, (n,), generator=generator)).values for n in flat]
+    targets = sum(num_targets)
+    request_time = torch.randint(5_000_000, 6_000_000, (len(num_targets),), generator=generator)
+    return {
+        "history_ids": torch.randint(0, num_items, (total,), generator=generator),
+        "history_lengths": torch.tensor(flat, dtype=torch.int64),
+        "history_timestamps": torch.cat(stamps) if stamps else torch.zeros(0, dtype=torch.int64),
+        "history_actions": torch.randint(0, 4, (total,), generator=generator),
+        "candidate_ids": torch.randint(0, num_items, (targets,), generator=generator),
+        "num_targets": torch.tensor(list(num_targets), dtype=torch.int64),
+        "candidate_timestamps": torch.repeat_interleave(request_time, torch.tensor(list(num_targets))),
+    }
+
+
+def retrieval_batch(lengths: Sequence[int], num_items: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A retrieval request batch: ``item_ids [L]``, ``lengths [B]``, ``timestamps [L]``."""
+    generator = torch.Generator().manual_seed(seed)
+    stamps = [torch.sort(torch.randint(0, 5_000_000, (n,), generator=generator)).values for n in lengths]
+    return {
+        "item_ids": torch.randint(0, num_items, (sum(lengths),), generator=generator),
+        "lengths": torch.tensor(list(lengths), dtype=torch.int64),
+        "timestamps": torch.cat(stamps),
+    }
+
+
+def eager_output(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The eager oracle: ``model.eval()`` on the batch (retrieval gets ``max(lengths)``)."""
+    model.eval()
+    with torch.no_grad():
+        if "lengths" in batch:
+            return model(batch["item_ids"], batch["lengths"], batch["timestamps"], int(batch["lengths"].max()))
+        return model(**batch)
+
+
+def to_lists(batch: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:
+    """The JSON form of a batch."""
+    return {name: tensor.tolist() for name, tensor in batch.items()}
+
+
+def run_module(module: str, args: Sequence[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` from the repository root (captured output)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
