@@ -180,18 +180,44 @@ def run_case(
         record("triton_bf16_ctx8_targets16", "fwd", bench(tf))
         record("triton_bf16_ctx8_targets16", "fwd_bwd", bench(tfb), 3.5)
         os.environ.pop("TORCHREC_HSTU_TRITON_AUTOTUNE")
-        if 2 in fp8_modes:
-            # FP8 with Hopper's fast (imprecise) fp8 accumulation, for comparison.
-            from torchrec_hstu.ops.triton import fp8_attention
+    return rows
 
-            fp8_attention.FP8_FAST_ACCUMULATION = True
-            try:
-                f8, f8b = ours(AttentionOptions(fp8_quant_mode=2))
-                f8(); f8b()
-                record("triton_fp8_mode2_fastacc", "fwd", bench(f8))
-                record("triton_fp8_mode2_fastacc", "fwd_bwd", bench(f8b), 3.5)
-            finally:
-                fp8_attention.FP8_FAST_ACCUMULATION = False
+
+def accumulation_probe(batch: int = 16, max_len: int = 4096, dim: int = 128, num_heads: int = 4,
+                       modes=(2, 5)) -> List[Dict]:
+    """FP8 fwd / fwd+bwd under each ``FP8_ACCUMULATION`` policy, next to bf16, one shape."""
+    from torchrec_hstu.ops.triton import fp8_attention
+    from torchrec_hstu.ops.triton.hstu_attention import triton_hstu_attention
+
+    device = torch.device("cuda")
+    offsets = torch.arange(batch + 1, device=device) * max_len
+    total = batch * max_len
+    q, k, v, dout = (torch.empty(total, num_heads, dim, device=device, dtype=torch.bfloat16).uniform_(-1, 1)
+                     for _ in range(4))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    flops = causal_flops([max_len] * batch, num_heads, dim)
+    rows = []
+
+    def timed(name, entry, options):
+        fwd = lambda: entry(q, k, v, offsets, max_len, 1 / dim**0.5, options)
+        def fwd_bwd():
+            torch.autograd.grad(entry(*leaves, offsets, max_len, 1 / dim**0.5, options), leaves, dout)
+        fwd(); fwd_bwd()
+        for direction, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
+            ms = bench(fn)
+            rows.append(dict(B=batch, N=max_len, D=dim, H=num_heads, lengths="full", impl=name,
+                             direction=direction, ms=ms, tflops=flops * mult / ms / 1e9))
+            print(f"  {name:>32s} {direction:>7s} {ms:9.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s", flush=True)
+
+    timed("triton_bf16", triton_hstu_attention, AttentionOptions())
+    for policy in ("precise", "mixed", "fast"):
+        fp8_attention.FP8_ACCUMULATION = policy
+        try:
+            for mode in modes:
+                timed(f"triton_fp8_mode{mode}_{policy}", fp8_attention.triton_fp8_hstu_attention,
+                      AttentionOptions(fp8_quant_mode=mode))
+        finally:
+            fp8_attention.FP8_ACCUMULATION = "precise"
     return rows
 
 
@@ -277,6 +303,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--lengths", default="full,jagged")
     parser.add_argument("--reference-max-n", type=int, default=2048)
     parser.add_argument("--tag", default="attention")
+    parser.add_argument("--accumulation-probe", action="store_true",
+                        help="only time FP8 modes 2, 5 under each FP8_ACCUMULATION policy (N=4096, D=128)")
     args = parser.parse_args(argv)
 
     import logging
@@ -294,6 +322,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])))
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"{date}-{device_name}-{args.tag}")
+    if args.accumulation_probe:
+        rows = accumulation_probe()
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        return
     rows: List[Dict] = []
     for dim in [int(d) for d in args.dims.split(",")]:
         for max_len in [int(n) for n in args.seq_lens.split(",")]:

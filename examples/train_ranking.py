@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=256)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="cpu or cuda (the item table stays on CPU)")
-    g.add_argument("--threads", type=int, default=0)
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default); see train_retrieval.py")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/ranking")
     g.add_argument("--resume", nargs="?", const="auto", default=None,

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the model, the training order and the synthetic data")
     g.add_argument("--seeds", default=None, help="comma-separated seeds: run each and report mean and spread")
     g.add_argument("--device", default="cpu", help="cpu or cuda (the item table stays on CPU, HSTU runs on the device)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch default). 1 is fastest here: the ops are small and extra threads spin-wait on busy cores")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/retrieval")
     g.add_argument("--resume", nargs="?", const="auto", default=None,

@@ -136,6 +136,8 @@ class ModelSignature:
         fp8_quant_modes: per channel (``"transducer"`` for retrieval) the mode of each layer.
         kernels: per channel the attention kernel of each layer.
         device: device the package runs on (``"cpu"`` / ``"cuda"``).
+        autocast_dtype: mixed precision the program was traced with (``"bfloat16"``,
+            ``"float16"`` or None).
         op_modules: Python modules that register the custom ops the program calls; import
             them before loading.
         config: the text-format config the model was built from (``None`` if not from one).
@@ -157,6 +159,7 @@ class ModelSignature:
     fp8_quant_modes: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     kernels: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     device: str = "cpu"
+    autocast_dtype: Optional[str] = None
     op_modules: List[str] = dataclasses.field(default_factory=list)
     config: Optional[str] = None
     torch_version: str = torch.__version__
@@ -245,22 +248,33 @@ def _longest(lengths: torch.Tensor, bound: int) -> Any:
     return longest
 
 
+def autocast_context(device_type: str, dtype: Optional[torch.dtype]) -> Any:
+    """``torch.autocast(device_type, dtype)``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
 class RetrievalExportModule(nn.Module):
     """``HSTURetrieval`` with ``max_seq_len`` computed from the lengths inside the program.
 
     Args:
         model: the retrieval model (eval mode).
         max_seq_len: bound on a sequence's length.
+        autocast_dtype: run the model under ``torch.autocast`` with this dtype (None: off).
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int) -> None:
+    def __init__(self, model: nn.Module, max_seq_len: int, autocast_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
+        self.autocast_dtype = autocast_dtype
+        self.device_type = _model_device(model).type
 
     def forward(self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """``item_ids [L]``, ``lengths [B]``, ``timestamps [L]`` -> ``scores [B, num_items]``."""
-        return self.model(item_ids, lengths, timestamps, _longest(lengths, self.max_seq_len))
+        with autocast_context(self.device_type, self.autocast_dtype):
+            return self.model(item_ids, lengths, timestamps, _longest(lengths, self.max_seq_len))
 
 
 class RankingExportModule(nn.Module):
@@ -271,13 +285,16 @@ class RankingExportModule(nn.Module):
     Args:
         model: the ranking model (eval mode).
         max_seq_len: bound on a channel's ``history + candidates`` per request.
+        autocast_dtype: run the model under ``torch.autocast`` with this dtype (None: off).
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int) -> None:
+    def __init__(self, model: nn.Module, max_seq_len: int, autocast_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
         self.num_channels = len(model.channels)
+        self.autocast_dtype = autocast_dtype
+        self.device_type = _model_device(model).type
 
     def forward(
         self,
@@ -292,15 +309,16 @@ class RankingExportModule(nn.Module):
         """Flat ranking inputs (see the module docstring) -> ``logits [T, num_tasks]``."""
         per_channel = history_lengths.view(self.num_channels, -1) + num_targets.unsqueeze(0)
         _longest(per_channel.flatten(), self.max_seq_len)
-        return self.model(
-            history_ids,
-            history_lengths,
-            history_timestamps,
-            history_actions,
-            candidate_ids,
-            num_targets,
-            candidate_timestamps,
-        )
+        with autocast_context(self.device_type, self.autocast_dtype):
+            return self.model(
+                history_ids,
+                history_lengths,
+                history_timestamps,
+                history_actions,
+                candidate_ids,
+                num_targets,
+                candidate_timestamps,
+            )
 
 
 def _model_type(model: nn.Module) -> str:
@@ -422,11 +440,19 @@ def _stu_layers(model: nn.Module, model_type: str) -> Dict[str, List[nn.Module]]
     return {name: list(model.encoder.channel(name).stu_module.layers) for name in model.channels}
 
 
+def _all_nodes(program: "torch.export.ExportedProgram") -> Iterator[torch.fx.Node]:
+    """Nodes of the program's graph and of its nested graphs (e.g. autocast regions)."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            yield from module.graph.nodes
+
+
 def fp8_attention_nodes(program: "torch.export.ExportedProgram") -> List[torch.fx.Node]:
-    """The ``torchrec_hstu::hstu_fp8_fwd`` call nodes of an exported program."""
+    """The ``torchrec_hstu::hstu_fp8_fwd`` call nodes of an exported program (nested graphs
+    included)."""
     return [
         node
-        for node in program.graph.nodes
+        for node in _all_nodes(program)
         if node.op == "call_function"
         and isinstance(node.target, torch._ops.OpOverload)
         and node.target._schema.name == FP8_OP
@@ -436,7 +462,7 @@ def fp8_attention_nodes(program: "torch.export.ExportedProgram") -> List[torch.f
 def _custom_op_modules(program: "torch.export.ExportedProgram") -> List[str]:
     """Modules that register the non-aten ops of ``program`` in our namespace."""
     names = set()
-    for node in program.graph.nodes:
+    for node in _all_nodes(program):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         qualname = node.target._schema.name
@@ -488,6 +514,7 @@ def export_program(
     max_batch_size: int = 64,
     max_seq_len: Optional[int] = None,
     config: Optional[str] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> Tuple["torch.export.ExportedProgram", ModelSignature]:
     """``torch.export.export(strict=False)`` of the whole model with dynamic dims.
 
@@ -498,6 +525,10 @@ def export_program(
         max_seq_len: bound on a sequence (history, plus candidates for ranking); default the
             ranking encoder's ``max_seq_len`` (required for retrieval).
         config: text-format config recorded in the signature.
+        autocast_dtype: mixed precision: trace the model under ``torch.autocast`` with this
+            dtype (``torch.bfloat16`` / ``torch.float16``) on its device, as TorchEasyRec's
+            export does for ``mixed_precision``; the casts become part of the program. The
+            eager equivalent is the model called inside the same ``torch.autocast``.
 
     Returns:
         ``(exported program, signature)``; ``program.module()`` runs it in Python (without
@@ -525,9 +556,10 @@ def export_program(
         )
     num_channels = len(model.channels) if model_type == RANKING else 1
     dims = _dims(model_type, max_batch_size, max_seq_len, num_channels)
-    wrapper: nn.Module = (
-        RetrievalExportModule(model, max_seq_len) if model_type == RETRIEVAL else RankingExportModule(model, max_seq_len)
-    )
+    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16; got {autocast_dtype!r}")
+    wrapper_cls = RetrievalExportModule if model_type == RETRIEVAL else RankingExportModule
+    wrapper: nn.Module = wrapper_cls(model, max_seq_len, autocast_dtype)
     example = example_inputs(model, max_seq_len, batch_size=min(3, max_batch_size))
     start = time.perf_counter()
     with _export_mode(model):
@@ -563,6 +595,7 @@ def export_program(
         fp8_quant_modes={name: [layer.fp8_quant_mode for layer in group] for name, group in layers.items()},
         kernels={name: [layer.kernel.value for layer in group] for name, group in layers.items()},
         device=_model_device(model).type,
+        autocast_dtype=None if autocast_dtype is None else str(autocast_dtype).replace("torch.", ""),
         op_modules=_custom_op_modules(program),
         config=config,
         export_seconds=round(export_seconds, 3),
@@ -614,6 +647,7 @@ def export_model(
     max_seq_len: Optional[int] = None,
     config: Optional[str] = None,
     inductor_configs: Optional[Mapping[str, Any]] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> ExportResult:
     """Export ``model`` and compile it into one AOTInductor package with its signature JSON.
 
@@ -625,11 +659,12 @@ def export_model(
         max_seq_len: bound on a sequence; see :func:`export_program`.
         config: text-format config recorded in the signature.
         inductor_configs: see :func:`compile_package`.
+        autocast_dtype: mixed precision; see :func:`export_program`.
 
     Returns:
         :class:`ExportResult`.
     """
-    program, signature = export_program(model, max_batch_size, max_seq_len, config)
+    program, signature = export_program(model, max_batch_size, max_seq_len, config, autocast_dtype)
     if out is None:
         return ExportResult(None, None, signature, program)
     package_path, signature_path = compile_package(program, signature, out, inductor_configs)
@@ -783,6 +818,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--fp8-quant-mode", type=int, default=None, help="set every channel's fp8_quant_mode (-1..5)"
     )
     parser.add_argument(
+        "--mixed-precision", choices=("bf16", "fp16"), default=None,
+        help="trace under torch.autocast with this dtype (weights stay float32)",
+    )
+    parser.add_argument(
         "--fast-compile", action="store_true",
         help="build the C++ at -O0 (aot_inductor.debug_compile): faster compile, slower package",
     )
@@ -811,7 +850,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if max_seq_len is None:
             raise ValueError("the config has no max_seq_len; pass --max-seq-len")
         inductor_configs = {"aot_inductor.debug_compile": True} if args.fast_compile else None
-        result = export_model(model, args.out, args.max_batch_size, max_seq_len, config_text, inductor_configs)
+        autocast_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        result = export_model(
+            model, args.out, args.max_batch_size, max_seq_len, config_text, inductor_configs, autocast_dtype
+        )
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -65,7 +65,10 @@ def _as_int64(name: str, value: Any) -> torch.Tensor:
                 raise ValueError(
                     f"{name} must be a flat list of integers (int64); element {index} is {kind} ({item!r})"
                 )
-        return torch.tensor(list(value), dtype=torch.int64)
+        try:
+            return torch.tensor(list(value), dtype=torch.int64)
+        except (OverflowError, RuntimeError) as err:
+            raise ValueError(f"{name} has values outside the int64 range ({err})") from err
     raise ValueError(f"{name} must be a list of integers or an integer tensor; got {type(value).__name__}")
 
 

@@ -6,11 +6,9 @@ SLA intervals). It shares no code with ``torchrec_hstu.ops.masks`` or the groupe
 """
 
 import math
-from typing import List, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -35,9 +35,13 @@ pytestmark = pytest.mark.gpu
 ERROR_RATIO = 1.1
 #: One bf16 rounding step, relative to max|ref| (output rounding of both implementations).
 BF16_STEP = 2.0**-8
-#: Triton FP8 vs emulation with fp32 inputs (fp32 summation order).
-AGREE_REL_L2 = 1e-4
-AGREE_MAX = 3e-3
+#: Triton FP8 vs emulation with fp32 inputs. A few-ulp fp32 difference in S or dS (summation
+#: order, exp approximation) flips an occasional fp8 rounding of P or dS by one e4m3 step.
+#: Measured on H100 (2026-11-25): at most 4.1e-4 rel-L2 / 3.8e-3 max (mode 1, D=256 and 48/80),
+#: <= 1e-4 elsewhere. Hopper's fast fp8 accumulation (FP8_ACCUMULATION = "fast") gave 2.2e-3 to
+#: 4.5e-3 rel-L2, so these limits still tell the two apart.
+AGREE_REL_L2 = 1e-3
+AGREE_MAX = 1e-2
 
 NAMES = ("out", "dq", "dk", "dv")
 

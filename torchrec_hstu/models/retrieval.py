@@ -33,6 +33,9 @@ from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
 from torchrec_hstu.ops.common import HSTUKernel
 from torchrec_hstu.ops.jagged import jagged_token_positions, lengths_to_offsets
 
+#: Negative sampling strategies of :func:`sample_negatives`.
+NEGATIVE_STRATEGIES = ("uniform", "in_batch", "mixed")
+
 
 def default_retrieval_transducer(
     embedding_dim: int = 64,
@@ -336,8 +339,9 @@ class HSTURetrievalTrain(nn.Module):
     For every token that has a successor in its sequence, the logits are
     ``<u_t, e(next)> / temperature`` and ``<u_t, e(neg_r)> / temperature`` for ``R`` shared
     negatives (``u`` and ``e`` L2-normalized); a negative equal to the positive is masked out
-    (accidental hit). ``negative_log_q`` (log sampling probabilities, e.g. for in-batch
-    negatives) is subtracted from the negative logits (logQ correction).
+    (accidental hit). ``negative_log_q`` (the log expected count ``log(R q(j))`` of each
+    negative under its sampling distribution ``q``, e.g. for in-batch negatives) is subtracted
+    from the negative logits (logQ correction); uniform negatives need none.
 
     Args:
         model: the retrieval model.
@@ -376,7 +380,7 @@ class HSTURetrievalTrain(nn.Module):
             timestamps: ``[L]``.
             max_seq_len: ``max(lengths)``.
             negative_ids: ``[R]`` sampled negatives shared by all positions.
-            negative_log_q: optional ``[R]`` log sampling probability of each negative.
+            negative_log_q: optional ``[R]`` ``log(R q(j))`` of each negative.
 
         Returns:
             Scalar mean loss over supervised positions (0 if there are none).
@@ -387,10 +391,10 @@ class HSTURetrievalTrain(nn.Module):
         assert negatives is not None
         device = outputs.device
         offsets = lengths_to_offsets(lengths.to(device))
-        _, positions = jagged_token_positions(offsets, outputs.shape[0])
-        batch_lengths = (offsets[1:] - offsets[:-1])
-        token_lengths = torch.repeat_interleave(batch_lengths, batch_lengths, output_size=outputs.shape[0])
-        supervised = torch.nonzero(positions < token_lengths - 1).flatten()
+        batch_ids, positions = jagged_token_positions(offsets, outputs.shape[0])
+        sequence_lengths = offsets[1:] - offsets[:-1]
+        # Every token but the last of its sequence predicts the next one.
+        supervised = torch.nonzero(positions < sequence_lengths[batch_ids] - 1).flatten()
         if supervised.numel() == 0:
             return outputs.sum() * 0.0
         queries = outputs[supervised]
@@ -425,7 +429,8 @@ def sample_negatives(
         generator: RNG.
 
     Returns:
-        ``(negative_ids [R], negative_log_q [R] or None)``.
+        ``(negative_ids [R], negative_log_q [R] or None)``: ``log(R q(j))`` for the logQ
+        correction of :class:`HSTURetrievalTrain` (None for uniform draws: a constant).
     """
     if strategy not in NEGATIVE_STRATEGIES:
         raise ValueError(f"strategy must be one of {NEGATIVE_STRATEGIES}; got {strategy!r}")
@@ -447,5 +452,3 @@ def sample_negatives(
     q = (n_uniform / num_items + n_batch * freq) / num_negatives
     return ids, torch.log(q * num_negatives).to(torch.float32)
 
-
-NEGATIVE_STRATEGIES = ("uniform", "in_batch", "mixed")

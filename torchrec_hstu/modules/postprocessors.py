@@ -3,7 +3,6 @@
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

@@ -297,4 +297,6 @@ def pytorch_hstu_attention(
         groups.append((index, mask, keep))
     if cache is not None and masks is None:
         cache[mask_key] = new_masks
-    return _JaggedAttention.apply(q, k, v, groups, float(alpha), out_scale, compute_dtype)
+    # The reference computes in compute_dtype whatever the caller's autocast says.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _JaggedAttention.apply(q, k, v, groups, float(alpha), out_scale, compute_dtype)

@@ -51,15 +51,22 @@ from torchrec_hstu.ops.triton.hstu_attention import (
 
 logger = logging.getLogger(__name__)
 
-#: Hopper fp8 wgmma accumulates in reduced precision unless Triton promotes the partial sums
-#: to fp32 after every instruction (``max_num_imprecise_acc=0``); Triton 3.6 defaults sm90 to
-#: never promoting. The FP8 definition takes every fp8 tile product exactly, rounded once to
-#: fp32, so promotion is on; set this True to trade that for speed (benchmarks report both).
-FP8_FAST_ACCUMULATION = False
+#: Accumulation of the fp8 ``tl.dot``s. Hopper's fp8 wgmma accumulates in reduced precision
+#: unless Triton promotes partial sums to fp32 (``max_num_imprecise_acc=0``); Triton 3.6
+#: defaults sm90 to never promoting. ``"precise"`` (default, tested): every product promoted,
+#: as the FP8 definition (exact fp8 products rounded once to fp32) asks. ``"fast"``: Triton's
+#: default. ``"mixed"``: precise for the score products (``q k^T``, ``dO v^T``, whose results
+#: are re-quantized, where a tiny error flips fp8 roundings), fast for the value products.
+#: The benchmark reports all three; only ``"precise"`` is checked against the emulation.
+FP8_ACCUMULATION = "precise"
 
 
-def _max_imprecise() -> int:
-    return 2**30 if FP8_FAST_ACCUMULATION else 0
+def _max_imprecise(score_product: bool) -> Optional[int]:
+    if FP8_ACCUMULATION not in ("precise", "fast", "mixed"):
+        raise ValueError(f"FP8_ACCUMULATION must be precise, fast or mixed; got {FP8_ACCUMULATION!r}")
+    precise = FP8_ACCUMULATION == "precise" or (FP8_ACCUMULATION == "mixed" and score_product)
+    # None: Triton's default (sm90: never promote); an explicit value must be <= K.
+    return 0 if precise else None
 
 
 # --------------------------------------------------------------------------------------
@@ -74,7 +81,7 @@ def _fp8_fwd_tile(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr, P_ROWS: tl.constexpr, QUANT_MODE: tl.constexpr,
     MASK_MODE: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr,
-    MAX_IMPRECISE: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
 ):
     cols = j0 + offs_n
     col_in = cols < n
@@ -88,7 +95,7 @@ def _fp8_fwd_tile(
     else:
         k = tl.load(k_ptrs + j0 * stride_kn)
         vt = tl.load(vt_ptrs + j0)
-    s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=MAX_IMPRECISE)
+    s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=MAX_IMPRECISE_S)
     if QUANT_MODE != 0:
         kd = tl.load(kd_ptrs + j0 * stride_kdn, mask=col_in, other=1.0)
         s = s * (qd[:, None] * kd[None, :])
@@ -125,7 +132,7 @@ def _fp8_fwd_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_ROWS: tl.constexpr,
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr,
+    INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -160,22 +167,22 @@ def _fp8_fwd_kernel(
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE)
+                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     for j0 in range(tb0, ti0, BLOCK_N):
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE)
+                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     for j0 in range(ti0, ti1, BLOCK_N):
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, False, INTERPRET, MAX_IMPRECISE)
+                            P_ROWS, QUANT_MODE, MASK_MODE, False, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     for j0 in range(ti1, tb1, BLOCK_N):
         acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
                             offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
                             c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE)
+                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     o_ptrs = Out + start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, (acc * out_scale).to(Out.dtype.element_ty),
              mask=row_in[:, None] & (offs_dv[None, :] < DV))
@@ -205,13 +212,13 @@ def _fp8_bwd_tile(
     n, T, c, W, M, sla_k1, K2, alpha,
     DQK: tl.constexpr, DV: tl.constexpr, QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
     MASKED: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
-    INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr,
+    INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
 ):
     rows = m0 + offs_m
     row_in = rows < n
     q = tl.load(q_ptrs + m0 * stride_qm, mask=row_in[:, None] & (offs_dqk[None, :] < DQK),
                 other=0.0)
-    sT = tl.dot(k, tl.trans(q), max_num_imprecise_acc=MAX_IMPRECISE)
+    sT = tl.dot(k, tl.trans(q), max_num_imprecise_acc=MAX_IMPRECISE_S)
     if QUANT_MODE != 0:
         qd = tl.load(qd_ptrs + m0 * stride_qdm, mask=row_in, other=1.0)
         sT = sT * (kd[:, None] * qd[None, :])
@@ -234,7 +241,7 @@ def _fp8_bwd_tile(
     if COMPUTE_DKDQ:
         do = tl.load(do_ptrs + m0 * stride_dom, mask=row_in[:, None] & (offs_dv[None, :] < DV),
                      other=0.0)
-        dpT = tl.dot(v, tl.trans(do), max_num_imprecise_acc=MAX_IMPRECISE)
+        dpT = tl.dot(v, tl.trans(do), max_num_imprecise_acc=MAX_IMPRECISE_S)
         if QUANT_MODE != 0:
             dod = tl.load(dod_ptrs + m0 * stride_dodm, mask=row_in, other=1.0)
             dpT = dpT * (vd[:, None] * dod[None, :])
@@ -274,7 +281,7 @@ def _fp8_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
     COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, INTERPRET: tl.constexpr,
-    MAX_IMPRECISE: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     n_block = tl.program_id(1)
@@ -337,28 +344,28 @@ def _fp8_bwd_kernel(
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     for m0 in range(tb0, ti0, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     for m0 in range(ti0, ti1, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     for m0 in range(ti1, tb1, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     if COMPUTE_DKDQ:
         tl.store(DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm
                  + offs_dqk[None, :], (dk * dk_scale).to(DK.dtype.element_ty),
@@ -462,7 +469,7 @@ def fp8_fwd(
             DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
             BLOCK_M=cfg.block_m, BLOCK_N=tiles.fwd_block_n, P_ROWS=tiles.fwd_p_rows,
             QUANT_MODE=fp8_quant_mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
-            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(),
+            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False), MAX_IMPRECISE_S=_max_imprecise(True),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -540,7 +547,7 @@ def fp8_bwd(
             BLOCK_M=bm, BLOCK_N=bn,
             QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
             COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq, INTERPRET=interpret_mode(),
-            MAX_IMPRECISE=_max_imprecise(),
+            MAX_IMPRECISE=_max_imprecise(False), MAX_IMPRECISE_S=_max_imprecise(True),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
