@@ -144,7 +144,8 @@ def item_ctr_scores(log: Impressions, train_users: torch.Tensor, bitmasks: Seque
 def auc_per_task(scores: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> Dict[str, float]:
     out = {}
     for i, name in enumerate(names):
-        metric = BinaryAUROC()
+        # The AUC of exactly these tensors: no all-gather when a process group exists (DMP).
+        metric = BinaryAUROC(sync_on_compute=False)
         metric.update(scores[:, i].float(), labels[:, i].long())
         out[f"AUC/{name}"] = metric.compute().item()
     return out
