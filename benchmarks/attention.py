@@ -87,7 +87,7 @@ def run_case(
     def rand(*shape):
         return torch.empty(*shape, device=device, dtype=torch.bfloat16).uniform_(-1, 1)
 
-    q, k, v, dout = rand(total, num_heads, dim), rand(total, num_heads, dim), rand(total, num_heads, dim), rand(total, num_heads, dim)
+    q, k, v, dout = (rand(total, num_heads, dim) for _ in range(4))
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     rows: List[Dict] = []
     shape = dict(B=batch, N=max_len, D=dim, H=num_heads, lengths="jagged" if jagged else "full",

@@ -24,6 +24,7 @@ loss, per-epoch metrics, sharding plan) and ``checkpoints/step_XXXXXXXX/`` (DCP)
 import argparse
 import dataclasses
 import datetime
+import importlib
 import os
 import socket
 import sys
@@ -36,8 +37,6 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train_ranking  # noqa: E402
-import train_retrieval  # noqa: E402
 from common import resolve_device, run_info, write_json  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -69,7 +68,13 @@ from torchrec_hstu.models.metrics import metrics_from_ranks, target_ranks  # noq
 from torchrec_hstu.models.ranking import HSTURankingTrain  # noqa: E402
 from torchrec_hstu.models.retrieval import NEGATIVE_STRATEGIES, HSTURetrievalTrain, sample_negatives  # noqa: E402
 
-TASKS = {"retrieval": train_retrieval, "ranking": train_ranking}
+#: task -> the single-process example whose data and model flags and builders it reuses
+#: (imported on demand: ``train_ranking`` pulls in torchmetrics).
+TASKS = {"retrieval": "train_retrieval", "ranking": "train_ranking"}
+
+
+def _example(task: str):
+    return importlib.import_module(TASKS[task])
 DEFAULTS = {
     "retrieval": dict(epochs=20, lr=3e-3, global_batch_size=128, eval_batch_size=256),
     "ranking": dict(epochs=8, lr=2e-3, global_batch_size=128, eval_batch_size=256),
@@ -95,15 +100,18 @@ def _copy_groups(source: argparse.ArgumentParser, target: argparse.ArgumentParse
     return dests
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tasks: Sequence[str] = tuple(TASKS)) -> argparse.ArgumentParser:
+    """The command line; only the subcommands in ``tasks`` get their flags (and imports)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    tasks = parser.add_subparsers(dest="task", required=True, metavar="{retrieval,ranking}")
-    for task, example in TASKS.items():
-        sub = tasks.add_parser(task, help=f"{task} model (flags of examples/train_{task}.py)",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        model_dests = _copy_groups(example.build_parser(), sub, ("data", "model"))
+    subparsers = parser.add_subparsers(dest="task", required=True, metavar="{retrieval,ranking}")
+    for task in TASKS:
+        sub = subparsers.add_parser(task, help=f"{task} model (flags of examples/train_{task}.py)",
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if task not in tasks:
+            continue
+        model_dests = _copy_groups(_example(task).build_parser(), sub, ("data", "model"))
         sub.set_defaults(model_dests=model_dests)
         d = DEFAULTS[task]
         g = sub.add_argument_group("distributed training")
@@ -186,10 +194,9 @@ def init_distributed(args: argparse.Namespace) -> Dist:
 class RetrievalTask:
     """Leave-last-out next-item retrieval (data and model of ``train_retrieval.py``)."""
 
-    metric_keys = train_retrieval.METRIC_KEYS
-
     def __init__(self, args: argparse.Namespace, env: Dist) -> None:
         self.args, self.env = args, env
+        self.example = train_retrieval = _example("retrieval")
         dataset, self.data_info = train_retrieval.load_data(args, args.seed)
         self.split = leave_last_out(dataset)
         self.num_items = dataset.num_items
@@ -238,7 +245,7 @@ class RetrievalTask:
         return metrics_from_ranks(all_gather_1d(local).cpu())
 
     def baselines(self) -> Dict[str, Dict[str, float]]:
-        return train_retrieval.evaluate_baselines(self.split, self.args)
+        return self.example.evaluate_baselines(self.split, self.args)
 
 
 class RankingTask:
@@ -246,6 +253,7 @@ class RankingTask:
 
     def __init__(self, args: argparse.Namespace, env: Dist) -> None:
         self.args, self.env = args, env
+        self.example = train_ranking = _example("ranking")
         config = ImpressionConfig(
             num_users=args.num_users, num_items=args.num_items, num_topics=args.num_topics,
             history_len=args.history_len, num_candidates=args.num_candidates, seed=args.seed,
@@ -299,15 +307,15 @@ class RankingTask:
         empty = torch.zeros(0, tasks, device=env.device)
         s = all_gather_1d((torch.cat(scores) if scores else empty).reshape(-1)).cpu().reshape(-1, tasks)
         y = all_gather_1d((torch.cat(labels) if labels else empty).reshape(-1)).cpu().reshape(-1, tasks)
-        return train_ranking.auc_per_task(s, y, list(self.tasks))
+        return self.example.auc_per_task(s, y, list(self.tasks))
 
     def baselines(self) -> Dict[str, Dict[str, float]]:
         log, tasks = self.log, list(self.tasks)
         ids = log.item_ids[self.eval_users][:, log.history_len:].reshape(-1)
         actions = log.actions[self.eval_users][:, log.history_len:].reshape(-1)
         labels = ((actions.unsqueeze(1) & torch.tensor(self.bitmasks)) > 0).float()
-        ctr = train_ranking.item_ctr_scores(log, self.train_users, self.bitmasks)[ids]
-        return {"item-CTR": train_ranking.auc_per_task(ctr, labels, tasks)}
+        ctr = self.example.item_ctr_scores(log, self.train_users, self.bitmasks)[ids]
+        return {"item-CTR": self.example.auc_per_task(ctr, labels, tasks)}
 
 
 # -- training loop -----------------------------------------------------------------------------
@@ -350,6 +358,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
     )
     dmp = shard_model(task.train_module, plan, sharders, env.device)
+    lookup_device = dmp.module.model.embedding_device()
+    if lookup_device != env.device:
+        raise RuntimeError(f"rank {env.rank}: lookups would take inputs on {lookup_device}, the rank's device is {env.device}")
     optimizer = build_optimizer(
         dmp, lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     )
@@ -478,7 +489,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 @record
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    return run(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = [a for a in argv if a in TASKS][:1]
+    return run(build_parser(chosen or tuple(TASKS)).parse_args(argv))
 
 
 if __name__ == "__main__":

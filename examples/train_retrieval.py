@@ -136,10 +136,15 @@ def load_data(args: argparse.Namespace, seed: int) -> Tuple[SequenceDataset, Dic
 
 
 def build_model(args: argparse.Namespace, num_items: int) -> HSTURetrieval:
+    """From ``--config`` (the config layer's builder; its ``max_seq_len``, when set, replaces
+    ``--max-seq-len``) or from the model flags."""
     if args.config:
-        from torchrec_hstu.config import build_retrieval_transducer  # the config layer's builder
+        from torchrec_hstu.config import build_retrieval_transducer, load_config
 
-        transducer, embedding_dim = build_retrieval_transducer(args.config, kernel=args.kernel)
+        config = load_config(args.config)
+        if config.max_seq_len:
+            args.max_seq_len = config.max_seq_len
+        transducer, embedding_dim = build_retrieval_transducer(config, kernel=args.kernel)
         return HSTURetrieval(
             num_items, embedding_dim=embedding_dim, transducer=transducer, num_gap_buckets=args.num_gap_buckets
         )

@@ -485,19 +485,25 @@ def _custom_op_modules(program: "torch.export.ExportedProgram") -> List[str]:
     return sorted(modules)
 
 
-@contextlib.contextmanager
-def _export_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, and backed sizes treated size-obliviously.
-
-    ``backed_size_oblivious`` lets a batch of one request (or one token) run in a program
-    traced with larger example sizes: without it torch assumes sizes >= 2 and bakes that in.
-    """
+def _size_oblivious() -> Any:
+    """``backed_size_oblivious``: a batch of one request (or one token) may run in a program
+    traced with larger example sizes; without it torch assumes sizes >= 2 and bakes that in
+    (runtime assertions ``>= 2`` in the package)."""
     import torch.fx.experimental._config as fx_config
 
+    if not hasattr(fx_config, "backed_size_oblivious"):
+        logger.warning("torch %s has no backed_size_oblivious: exported dims start at 2", torch.__version__)
+        return contextlib.nullcontext()
+    return fx_config.patch(backed_size_oblivious=True)
+
+
+@contextlib.contextmanager
+def _export_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, and backed sizes treated size-obliviously (see :func:`_size_oblivious`)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        with torch.no_grad(), _size_oblivious():
             yield
     finally:
         model.train(was_training)
@@ -622,14 +628,12 @@ def compile_package(
     Returns:
         ``(package path, signature path)``.
     """
-    import torch.fx.experimental._config as fx_config
-
     if not out.endswith(".pt2"):
         raise ValueError(f"out must be a path ending in .pt2; got {out!r}")
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     start = time.perf_counter()
-    with fx_config.patch(backed_size_oblivious=True):
+    with _size_oblivious():
         path = torch._inductor.aoti_compile_and_package(
             program, package_path=out, inductor_configs=dict(inductor_configs or {})
         )

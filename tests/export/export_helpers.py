@@ -92,3 +92,12 @@ def run_module(module: str, args: Sequence[str], timeout: int = 600) -> subproce
         text=True,
         timeout=timeout,
     )
+
+
+def run_module_script(script: str, args: Sequence[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -c <script> <args>`` from the repository root (captured output)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

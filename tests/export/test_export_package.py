@@ -19,6 +19,7 @@ from export_helpers import (
     eager_output,
     ranking_batch,
     run_module,
+    run_module_script,
     to_lists,
 )
 from torchrec_hstu import export, predict
@@ -105,14 +106,14 @@ def test_package_matches_eager(package, predictor, index):
     _assert_close_to_eager(eager, batch, predictor(batch))
 
 
-def test_predict_cli_writes_scores(package, tmp_path):
+def test_predict_cli_writes_scores(package, tmp_path, capsys):
     out, eager = package
     batches = [ranking_batch(h, t, NUM_ITEMS, seed=20 + i) for i, (h, t) in enumerate(BATCHES[:2])]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps(to_lists(b)) + "\n" for b in batches))
     scores = tmp_path / "scores.jsonl"
-    result = run_module("torchrec_hstu.predict", ["--package", out, "--input", str(requests), "--output", str(scores)])
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert predict.main(["--package", out, "--input", str(requests), "--output", str(scores)]) == 0
+    assert "wrote 2 batches" in capsys.readouterr().err
     lines = [json.loads(line) for line in scores.read_text().splitlines()]
     assert [line["batch"] for line in lines] == [0, 1]
     for line, batch in zip(lines, batches):
@@ -170,15 +171,27 @@ def test_bad_inputs_are_refused_with_clear_errors(package, tmp_path, capsys):
     assert status == 2 and "package not found" in capsys.readouterr().err
 
 
-def test_bad_input_exits_nonzero_from_the_shell(package, tmp_path):
+def test_fresh_process_loads_without_model_code_and_exits_nonzero(package, tmp_path):
+    """``python -m torchrec_hstu.predict`` in a new process: the package loads with no model
+    code and no torchrec (only the op library the signature names); a bad batch gives a clear
+    error and exit status 2."""
     out, _ = package
-    bad = to_lists(ranking_batch([[2, 2], [1, 0]], [1, 1], NUM_ITEMS))
+    bad = to_lists(ranking_batch([[2, 0], [1, 5]], [1, 3], NUM_ITEMS, seed=30))
     bad["history_lengths"] = [2, 2, 1, 5]
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(bad) + "\n")
-    result = run_module("torchrec_hstu.predict", ["--package", out, "--input", str(path)])
-    assert result.returncode == 2
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    script = (
+        "import sys, runpy; sys.argv = ['predict', '--package', sys.argv[1], '--input', sys.argv[2]]\n"
+        "try:\n    runpy.run_module('torchrec_hstu.predict', run_name='__main__')\n"
+        "finally:\n"
+        "    loaded = sorted(m for m in sys.modules if m.startswith(('torchrec_hstu.models', 'torchrec.')))\n"
+        "    print('PACKAGE LOADED' if 'torch._inductor.package' in sys.modules else 'NOT LOADED', file=sys.stderr)\n"
+        "    print('MODULES', loaded, file=sys.stderr)\n"
+    )
+    result = run_module_script(script, [out, str(tmp_path / "bad.jsonl")])
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "error: " in result.stderr
     assert "history_lengths must sum to the number of history_ids" in result.stderr
+    assert "PACKAGE LOADED" in result.stderr and "MODULES []" in result.stderr
     assert result.stdout == ""
 
 

@@ -195,7 +195,7 @@ def test_triton_fp8_refuses_bf16_options() -> None:
                                   AttentionOptions())
 
 
-def test_triton_fp8_through_dispatcher_compile_and_export() -> None:
+def test_triton_fp8_through_dispatcher_and_compile() -> None:
     from torchrec_hstu.ops.hstu_attention import hstu_attention
     from torchrec_hstu.ops.triton.fp8_attention import triton_fp8_hstu_attention
 

@@ -219,6 +219,10 @@ class HSTURanking(nn.Module):
 
     # -- devices -------------------------------------------------------------------------
     def embedding_device(self) -> torch.device:
+        if not isinstance(self.embedding_collection, EmbeddingCollection):
+            # Sharded by DMP: lookups take inputs on the rank's device, where the dense part
+            # lives; a rank holding no shard of the table has an empty CPU placeholder weight.
+            return self.dense_device()
         return self.embedding_collection.embeddings[self.table_name].weight.device
 
     def dense_device(self) -> torch.device:

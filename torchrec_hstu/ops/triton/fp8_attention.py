@@ -344,28 +344,32 @@ def _fp8_bwd_kernel(
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
+            MAX_IMPRECISE, MAX_IMPRECISE_S)
     for m0 in range(tb0, ti0, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
+            MAX_IMPRECISE, MAX_IMPRECISE_S)
     for m0 in range(ti0, ti1, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
+            MAX_IMPRECISE, MAX_IMPRECISE_S)
     for m0 in range(ti1, tb1, BLOCK_M):
         dk, dv = _fp8_bwd_tile(
             dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
             qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
             stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
             stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
+            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
+            MAX_IMPRECISE, MAX_IMPRECISE_S)
     if COMPUTE_DKDQ:
         tl.store(DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm
                  + offs_dqk[None, :], (dk * dk_scale).to(DK.dtype.element_ty),
@@ -469,7 +473,8 @@ def fp8_fwd(
             DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
             BLOCK_M=cfg.block_m, BLOCK_N=tiles.fwd_block_n, P_ROWS=tiles.fwd_p_rows,
             QUANT_MODE=fp8_quant_mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
-            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False), MAX_IMPRECISE_S=_max_imprecise(True),
+            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False),
+            MAX_IMPRECISE_S=_max_imprecise(True),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
