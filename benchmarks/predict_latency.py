@@ -200,6 +200,7 @@ def main(argv: Sequence[str] = None) -> int:
             print(f"eager with the table on CUDA failed ({type(err).__name__}: {err}); table on CPU", flush=True)
             eager_model, placement = copy.deepcopy(model).place(device).eval(), "item table on CPU"
 
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     rows = []
     for batch_size in batch_sizes:
         inputs = [x.to(device) for x in check_batch(signature, make_batch(
@@ -236,6 +237,7 @@ def main(argv: Sequence[str] = None) -> int:
         return 0
     date = datetime.date.today().isoformat()
     label = device_label(device)
+    load_after = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     payload = {
         "date": date,
         "device": device_description(device),
@@ -254,6 +256,8 @@ def main(argv: Sequence[str] = None) -> int:
         "export_seconds": signature.export_seconds,
         "compile_seconds": signature.compile_seconds,
         "eager_placement": placement,
+        "load_average_1min": [load_before, load_after],
+        "cpu_count": os.cpu_count(),
         "rows": rows,
     }
     os.makedirs(args.out_dir, exist_ok=True)
@@ -275,7 +279,9 @@ def main(argv: Sequence[str] = None) -> int:
         + (f", {args.candidates} candidates each" if signature.model_type == RANKING else "")
         + f". {args.iters} timed runs per side after {args.warmup} warm-up runs, interleaved. "
         f"Export {signature.export_seconds:.1f} s, AOTInductor compile {signature.compile_seconds:.1f} s. "
-        f"Eager placement: {placement}.",
+        f"Eager placement: {placement}. 1-minute load average before / after: {load_before} / "
+        f"{load_after} on {os.cpu_count()} CPUs (other processes share the machine: p99 mostly "
+        "measures them).",
         "",
         "| batch | tokens | eager p50 ms | eager p99 ms | package p50 ms | package p99 ms | p50 speed-up | max abs diff |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",

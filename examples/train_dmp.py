@@ -433,7 +433,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             train_seconds += time.perf_counter() - begin
             seqs, tokens = seqs + n_seq, tokens + n_tok
             global_step += 1
-            bar.set_postfix(loss=f"{loss.item() / env.world_size:.4f}")
             last_in_epoch = step + 1 == steps_per_epoch
             if args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0 and not last_in_epoch:
                 save(epoch, step + 1)
@@ -457,7 +456,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             save(next_epoch, next_step)
         epoch, start_step = next_epoch, next_step
 
-    totals = all_reduce_sum(torch.tensor([seqs, tokens], dtype=torch.float64)).tolist()
+    totals = all_reduce_sum(torch.tensor([seqs, tokens], dtype=torch.float64, device=env.device)).tolist()
     throughput = {"seconds_rank0": round(train_seconds, 3), "sequences": int(totals[0]), "tokens": int(totals[1]),
                   "sequences_per_s": round(totals[0] / max(train_seconds, 1e-9), 1),
                   "tokens_per_s": round(totals[1] / max(train_seconds, 1e-9), 1)}

@@ -560,6 +560,12 @@ def export_program(
             f"max_seq_len={max_seq_len} exceeds the ranking encoder's max_seq_len="
             f"{model.encoder.max_seq_len}; export with a bound <= the model's"
         )
+    if model.embedding_device() != _model_device(model):
+        raise ValueError(
+            f"the item table is on {model.embedding_device()} and the dense part on {_model_device(model)}; "
+            "move the whole model to the device the package will run on (model.to(device)): the "
+            "table lookup is part of the exported program"
+        )
     num_channels = len(model.channels) if model_type == RANKING else 1
     dims = _dims(model_type, max_batch_size, max_seq_len, num_channels)
     if autocast_dtype not in (None, torch.bfloat16, torch.float16):
@@ -732,7 +738,7 @@ def build_model_from_config(
     Returns:
         The model (train mode, CPU).
     """
-    from torchrec_hstu.config import build_multi_channel, build_transducer, hstu_pb2, validate_config
+    from torchrec_hstu.config import build_multi_channel, build_retrieval_transducer, hstu_pb2, validate_config
     from torchrec_hstu.models.ranking import HSTURanking
     from torchrec_hstu.models.retrieval import HSTURetrieval
 
@@ -773,15 +779,8 @@ def build_model_from_config(
             table_name=table_name,
         )
     else:
-        if len(config.hstu) != 1:
-            raise ValueError(f"a retrieval config (no tasks) must have one hstu; got {len(config.hstu)}")
         gap_buckets = 32 if state is None else width("gap_embeddings.weight", 0)
-        transducer = build_transducer(
-            config.hstu[0],
-            input_embedding_dim=item_dim,
-            kernel=config.kernel,
-            return_full_embeddings=True,
-        )
+        transducer, _ = build_retrieval_transducer(config)
         model = HSTURetrieval(
             num_items=rows,
             embedding_dim=item_dim,

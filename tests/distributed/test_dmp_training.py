@@ -8,8 +8,10 @@ Optimizer states are compared too: they are sensitive to the gradient scale, whi
 (scale-invariant) Adagrad / Adam updates are not.
 
 Tolerances: float32 with different summation orders (per-rank vs whole-batch reductions,
-all-to-all gradient sums) over 6 steps: losses ``rtol=1e-4``, weights and optimizer moments
-``atol=2e-4, rtol=1e-3`` (measured differences are ~1e-6 to 1e-5).
+all-to-all gradient sums), which Adam's ``g / sqrt(v)`` amplifies for near-zero gradients:
+losses ``rtol=2e-4``, weights and optimizer moments ``rtol=1e-3, atol=2e-4``. Measured
+(2026-11-25, CPU): retrieval after 6 steps, loss 3e-7 relative, weights 1e-6, AdamW moments
+2e-6, Adagrad sums 3e-7 relative; ranking after 3 steps, loss up to 6e-5 relative.
 """
 
 import os
@@ -26,6 +28,7 @@ from torchrec_hstu.data.sequences import leave_last_out, make_batch
 from torchrec_hstu.data.synthetic import ImpressionConfig, generate_impressions
 from torchrec_hstu.distributed import (
     checkpoint_path,
+    consolidate_checkpoint,
     epoch_permutation,
     load_checkpoint,
     read_manifest,
@@ -39,7 +42,7 @@ from torchrec_hstu.models.retrieval import HSTURetrievalTrain, sample_negatives
 SEED = 3
 GLOBAL_BATCH = 16
 STEPS = 6  # 96 users / 16 per global batch: one epoch
-LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
+LOSS_TOL = dict(rtol=2e-4, atol=1e-5)
 WEIGHT_TOL = dict(rtol=1e-3, atol=2e-4)
 
 TINY_RETRIEVAL = [
@@ -196,24 +199,34 @@ def test_resume_at_another_world_size_and_sharding(launch, two_rank_run, referen
     _assert_optimizer_state_matches(final, reference)
 
 
-def test_exported_model_from_dmp_checkpoint_predicts_like_single_process(two_rank_run, reference):
-    """Weights of the DMP run, loaded into a plain model without a process group, exported with
-    ``torch.export``: its scores equal the single-process model's."""
+def test_exported_model_from_dmp_checkpoint_predicts_like_single_process(two_rank_run, reference, tmp_path):
+    """The DMP run's sharded checkpoint, consolidated into one state_dict file, loaded through
+    the export module's checkpoint reader and exported with ``torchrec_hstu.export``: the
+    exported program scores like the single-process model (batches unlike the export example).
+    The AOTInductor compile of the same program is the export module's own test."""
+    from torchrec_hstu.export import export_program, load_checkpoint_state
+
     out, _ = two_rank_run
     args = reference.args
+    state_file = consolidate_checkpoint(checkpoint_path(os.path.join(out, "checkpoints"), STEPS),
+                                        str(tmp_path / "model.pt"))
     torch.manual_seed(1234)  # different init: every weight must come from the checkpoint
     plain = train_retrieval.build_model(args, reference.num_items)
-    load_checkpoint(checkpoint_path(os.path.join(out, "checkpoints"), STEPS), plain)
-    plain.eval()
+    plain.load_state_dict(load_checkpoint_state(state_file))
+    direct = train_retrieval.build_model(args, reference.num_items)  # sharded -> plain, no process group
+    load_checkpoint(checkpoint_path(os.path.join(out, "checkpoints"), STEPS), direct)
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], value, rtol=0, atol=0)
+    program, signature = export_program(plain.eval(), max_batch_size=16, max_seq_len=args.max_seq_len)
+    assert signature.num_items == reference.num_items
+    exported = program.module()
     reference.model.eval()
-    users = torch.arange(0, reference.split.train.num_users, 7)
-    batch = make_batch(reference.split.train, users, args.max_seq_len)
-    inputs = (batch.item_ids, batch.lengths, batch.timestamps, batch.max_seq_len)
-    exported = torch.export.export(plain, inputs, strict=False).module()
-    with torch.no_grad():
-        expected = reference.model(*inputs)
-        torch.testing.assert_close(plain(*inputs), expected, **WEIGHT_TOL)
-        torch.testing.assert_close(exported(*inputs), expected, **WEIGHT_TOL)
+    for users in (torch.arange(0, reference.split.train.num_users, 7), torch.tensor([5, 60])):
+        batch = make_batch(reference.split.train, users, args.max_seq_len)
+        with torch.no_grad():
+            expected = reference.model(batch.item_ids, batch.lengths, batch.timestamps, batch.max_seq_len)
+            got = exported(batch.item_ids, batch.lengths, batch.timestamps)
+        torch.testing.assert_close(got, expected, **WEIGHT_TOL)
     reference.model.train()
 
 

@@ -1,11 +1,13 @@
 """Shared pieces of the export tests: test configs, request batches, the eager oracle."""
 
 import os
+import pathlib
 import subprocess
 import sys
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
+from filelock import FileLock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -101,3 +103,23 @@ def run_module_script(script: str, args: Sequence[str], timeout: int = 600) -> s
     return subprocess.run(
         [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def shared_build(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """A directory built once per test session, also across pytest-xdist workers.
+
+    ``make test`` runs ``-n 2``: tests of one module may land on both workers, and a module
+    fixture would compile the package twice. The first worker builds under a file lock in the
+    session's shared temp root; the other waits and reuses it.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    directory = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        done = directory / "DONE"
+        if not done.exists():
+            directory.mkdir(exist_ok=True)
+            build(directory)
+            done.write_text("ok")
+    return directory

@@ -20,6 +20,7 @@ from export_helpers import (
     ranking_batch,
     run_module,
     run_module_script,
+    shared_build,
     to_lists,
 )
 from torchrec_hstu import export, predict
@@ -34,21 +35,23 @@ MAX_SEQ_LEN = 320
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """``(package path, eager model)``: a random model saved as a training checkpoint, exported
-    with the CLI (once per module: the AOTInductor compile dominates the test time)."""
-    directory = tmp_path_factory.mktemp("two_channel")
-    torch.manual_seed(7)
-    model = build_model_from_config(load_config(TWO_CHANNEL_CONFIG), num_items=NUM_ITEMS)
-    checkpoint = str(directory / "ckpt.pt")
-    torch.save({"model": model.state_dict(), "epoch": 1}, checkpoint)
-    out = str(directory / "model.pt2")
-    result = run_module(
-        "torchrec_hstu.export",
-        ["--config", TWO_CHANNEL_CONFIG, "--checkpoint", checkpoint, "--out", out,
-         "--max-batch-size", str(MAX_BATCH), "--fast-compile"],
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    eager = build_model_from_config(load_config(TWO_CHANNEL_CONFIG), load_checkpoint_state(checkpoint)).eval()
-    return out, eager
+    with the CLI once per session (the AOTInductor compile dominates the test time)."""
+
+    def build(directory):
+        torch.manual_seed(7)
+        model = build_model_from_config(load_config(TWO_CHANNEL_CONFIG), num_items=NUM_ITEMS)
+        torch.save({"model": model.state_dict(), "epoch": 1}, directory / "ckpt.pt")
+        result = run_module(
+            "torchrec_hstu.export",
+            ["--config", TWO_CHANNEL_CONFIG, "--checkpoint", str(directory / "ckpt.pt"),
+             "--out", str(directory / "model.pt2"), "--max-batch-size", str(MAX_BATCH), "--fast-compile"],
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    directory = shared_build(tmp_path_factory, "export_two_channel", build)
+    state = load_checkpoint_state(str(directory / "ckpt.pt"))
+    eager = build_model_from_config(load_config(TWO_CHANNEL_CONFIG), state).eval()
+    return str(directory / "model.pt2"), eager
 
 
 @pytest.fixture(scope="module")

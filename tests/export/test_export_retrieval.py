@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from export_helpers import FP32_ATOL, FP32_RTOL, eager_output, retrieval_batch, to_lists
+from export_helpers import FP32_ATOL, FP32_RTOL, eager_output, retrieval_batch, shared_build, to_lists
 from torchrec_hstu import predict
 from torchrec_hstu.config import load_config
 from torchrec_hstu.export import build_model_from_config, export_model, export_program
@@ -19,17 +19,26 @@ MAX_SEQ_LEN = 64
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    """``(package path, eager model)``, exported once per module with the Python API."""
-    torch.manual_seed(5)
-    model = build_model_from_config(load_config(CONFIG), num_items=NUM_ITEMS).eval()
-    out = str(tmp_path_factory.mktemp("retrieval") / "retrieval.pt2")
-    result = export_model(
-        model, out, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
-        inductor_configs={"aot_inductor.debug_compile": True},
-    )
-    assert result.package_path == out and os.path.isfile(result.signature_path)
-    assert result.signature.fp8_quant_modes == {"transducer": [-1]}
-    assert result.signature.kernels == {"transducer": ["AUTO"]}
+    """``(package path, eager model)``, exported with the Python API once per session."""
+
+    def build(directory):
+        torch.manual_seed(5)
+        model = build_model_from_config(load_config(CONFIG), num_items=NUM_ITEMS).eval()
+        torch.save(model.state_dict(), directory / "state.pt")
+        out = str(directory / "retrieval.pt2")
+        result = export_model(
+            model, out, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
+            inductor_configs={"aot_inductor.debug_compile": True},
+        )
+        assert result.package_path == out and os.path.isfile(result.signature_path)
+
+    directory = shared_build(tmp_path_factory, "export_retrieval", build)
+    state = torch.load(directory / "state.pt", weights_only=True)
+    model = build_model_from_config(load_config(CONFIG), state).eval()
+    out = str(directory / "retrieval.pt2")
+    signature = predict.Predictor(out).signature
+    assert signature.fp8_quant_modes == {"transducer": [-1]}
+    assert signature.kernels == {"transducer": ["AUTO"]}
     return out, model
 
 
@@ -89,6 +98,8 @@ def test_export_api_refuses_bad_arguments():
         export_program(model, max_batch_size=1, max_seq_len=8)
     with pytest.raises(TypeError, match="export supports"):
         export_program(torch.nn.Linear(2, 2), max_seq_len=8)
+    with pytest.raises(ValueError, match="move the whole model to the device"):
+        export_program(model.place("meta"), max_seq_len=8)
 
 
 def test_bf16_autocast_export_matches_eager_autocast():

@@ -36,6 +36,7 @@ import logging
 import os
 import pickle
 import shutil
+import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -148,6 +149,14 @@ class _TensorOnlyLoadPlanner(DefaultLoadPlanner):
             f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled Python object; "
             "only tensors are loaded"
         )
+
+
+def _dcp_load(state: Dict[str, Any], path: str, no_dist: bool) -> None:
+    """``dcp.load`` in place with the safe reader and planner."""
+    with warnings.catch_warnings():
+        # no_dist is deliberate here; DCP warns about it whenever no process group exists.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=_SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner(), no_dist=no_dist)
 
 
 # -- manifest ------------------------------------------------------------------------------
@@ -474,12 +483,7 @@ def load_checkpoint(
     state = _state(model, optimizer)
     _broadcast_error(_check_against_metadata(path, state, metadata))
     try:
-        dcp.load(
-            state,
-            storage_reader=_SafeFileSystemReader(path),
-            planner=_TensorOnlyLoadPlanner(),
-            no_dist=_world_size() == 1,
-        )
+        _dcp_load(state, path, no_dist=_world_size() == 1)
     except CheckpointError:
         raise
     except Exception as e:  # DCP wraps per-rank failures in CheckpointException
@@ -512,12 +516,38 @@ def read_tensors(path: str, prefix: str = "", verify_files: bool = True) -> Dict
         if name.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
     try:
-        dcp.load(state, storage_reader=_SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner(), no_dist=True)
+        _dcp_load(state, path, no_dist=True)
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
     return state
+
+
+def consolidate_checkpoint(path: str, out: str, verify_files: bool = True) -> str:
+    """Write a (sharded) checkpoint's model weights as one unsharded ``state_dict`` file.
+
+    The file holds tensors only (``torch.load(out, weights_only=True)``) with the model's own
+    names (``embedding_collection.embeddings.<table>.weight``, ``transducer...``): what
+    ``model.load_state_dict`` and ``python -m torchrec_hstu.export --checkpoint`` take.
+
+    Args:
+        path: checkpoint folder of :func:`save_checkpoint`.
+        out: output file (written atomically).
+        verify_files: check sizes and sha256 against the manifest first.
+
+    Returns:
+        ``out``.
+    """
+    tensors = read_tensors(path, prefix="model.", verify_files=verify_files)
+    if not tensors:
+        raise CheckpointError(f"checkpoint {path} holds no model weights")
+    state = {name[len("model."):]: value for name, value in tensors.items()}
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    return out
 
 
 def list_checkpoints(directory: str) -> List[str]:
@@ -530,3 +560,29 @@ def list_checkpoints(directory: str) -> List[str]:
         for n in names
         if n.startswith("step_") and not n.endswith(".partial") and os.path.isfile(os.path.join(directory, n, MANIFEST))
     ]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m torchrec_hstu.distributed.checkpoint CHECKPOINT --out model.pt``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Check a sharded checkpoint and write its model weights as one state_dict file."
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder (e.g. runs/dmp-retrieval/checkpoints/step_00000040)")
+    parser.add_argument("--out", help="write the unsharded model state_dict here (torch.save, tensors only)")
+    args = parser.parse_args(argv)
+    try:
+        info = read_manifest(args.checkpoint)
+        print(f"{args.checkpoint}: saved by {info.world_size} ranks on {info.created}; progress {info.progress}")
+        for table, spec in info.sharding.items():
+            print(f"  {table}: {spec.get('sharding_type')} on ranks {spec.get('ranks')}")
+        if args.out:
+            consolidate_checkpoint(args.checkpoint, args.out, verify_files=False)
+            print(f"wrote {args.out}")
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -10,13 +10,32 @@ One layer, on jagged token embeddings ``x: [L, d]``::
 import dataclasses
 import logging
 import math
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, to_kernel
-from torchrec_hstu.ops.hstu_compute import hstu_compute_output, hstu_preprocess_and_attention
+from torchrec_hstu.modules.kv_cache import (
+    STULayerKVCache,
+    STUStackKVCache,
+    _param_fingerprint,
+    check_append_targets,
+    check_batch_key,
+    check_delta_step,
+    check_layer_cache,
+    check_prefill,
+    check_prefix_offsets,
+    delta_step_stats,
+    resolve_delta_offsets,
+)
+from torchrec_hstu.ops.delta_attention import delta_hstu_attention
+from torchrec_hstu.ops.hstu_compute import (
+    hstu_compute_output,
+    hstu_compute_uqvk,
+    hstu_preprocess_and_attention,
+)
+from torchrec_hstu.ops.jagged import concat_2D_jagged
 from torchrec_hstu.ops.truncation import TruncationPlan, compute_truncation_plan
 
 logger = logging.getLogger(__name__)
@@ -205,6 +224,166 @@ class STULayer(nn.Module):
             recompute_y=cfg.recompute_y,
         )
 
+    # ---------------------------------------------------------------- KV-cached inference
+
+    def prefill(
+        self,
+        x: torch.Tensor,
+        x_offsets: torch.Tensor,
+        max_seq_len: int,
+        attention_cache: Optional[Dict[str, Any]] = None,
+    ) -> Tuple[torch.Tensor, STULayerKVCache]:
+        """Forward on the cached prefixes, keeping their keys and values for delta steps.
+
+        The prefixes are history (and the contextual prefix): no targets. Their outputs equal
+        the full forward's prefix rows, since no prefix token sees a later token.
+
+        Args:
+            x: ``[Lc, d]`` prefix embeddings.
+            x_offsets: ``[B + 1]``.
+            max_seq_len: batch maximum of the *full* lengths (prefix + later delta tokens) the
+                cache serves; with ``scaling_seqlen=-1`` it divides this and every later step.
+            attention_cache: per-batch cache shared by the layers of a stack.
+
+        Returns:
+            ``(out [Lc, d], STULayerKVCache)``.
+        """
+        check_prefill(self.attention_options, x_offsets)
+        cfg = self.config
+        u, attn, k, v = hstu_preprocess_and_attention(
+            x,
+            self.input_norm_weight,
+            self.input_norm_bias,
+            STU_NORM_EPS,
+            cfg.num_heads,
+            cfg.attention_dim,
+            cfg.hidden_dim,
+            self.uvqk_weight,
+            self.uvqk_beta,
+            max_seq_len,
+            x_offsets,
+            cfg.alpha,
+            self.attention_options,
+            num_targets=None,
+            kernel=self.kernel,
+            recompute_normed_x=cfg.recompute_normed_x,
+            recompute_uvqk=cfg.recompute_uvqk,
+            cache=attention_cache,
+        )
+        out = self._output(attn, u, x)
+        kv_cache = STULayerKVCache(
+            k=k.detach(),
+            v=v.detach(),
+            offsets=x_offsets.to(torch.int64),
+            max_seq_len=max_seq_len,
+            options=self.attention_options,
+            layer_id=id(self),
+            fingerprint=_param_fingerprint(self),
+        )
+        return out, kv_cache
+
+    def cached_forward(
+        self,
+        delta_x: torch.Tensor,
+        kv_cache: STULayerKVCache,
+        *,
+        prefix_offsets: torch.Tensor,
+        delta_offsets: Optional[torch.Tensor] = None,
+        num_targets: Optional[torch.Tensor] = None,
+        append: bool = False,
+    ) -> Tuple[torch.Tensor, STULayerKVCache]:
+        """Run only the new tokens against the cached keys/values.
+
+        Equals the last ``d_b`` rows of :meth:`forward` on ``[prefix | delta]`` with
+        ``max_seq_len=kv_cache.max_seq_len`` (see :mod:`torchrec_hstu.modules.kv_cache` for
+        what is refused to keep that true).
+
+        Args:
+            delta_x: ``[L', d]`` embeddings of the new tokens (``d_b`` per sequence).
+            kv_cache: from :meth:`prefill` (or a previous appending step) of this layer.
+            prefix_offsets: ``[B + 1]`` offsets of the prefix the caller expects the cache to
+                hold; ``ValueError`` if the cache belongs to another batch.
+            delta_offsets: ``[B + 1]`` offsets of ``delta_x``; default ``L' / B`` per sequence.
+            num_targets: optional ``[B]`` trailing targets of the full sequences (all inside the
+                delta); None: the delta tokens are history.
+            append: return a cache with the delta tokens appended (history only).
+
+        Returns:
+            ``(out [L', d], cache)``: the cache is ``kv_cache`` itself unless ``append``.
+        """
+        check_layer_cache(self, kv_cache, delta_x)
+        check_prefix_offsets(kv_cache.offsets, prefix_offsets, "STULayerKVCache")
+        check_append_targets(num_targets, append)
+        delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
+        stats = delta_step_stats(kv_cache.offsets, delta_offsets, num_targets)
+        check_delta_step(
+            self.attention_options,
+            stats,
+            kv_cache.max_seq_len,
+            targets_passed=num_targets is not None and self.config.target_aware,
+            append=append,
+        )
+        return self._cached_step(delta_x, kv_cache, delta_offsets, num_targets, append)
+
+    def _cached_step(
+        self,
+        delta_x: torch.Tensor,
+        kv_cache: STULayerKVCache,
+        delta_offsets: torch.Tensor,
+        num_targets: Optional[torch.Tensor],
+        append: bool,
+    ) -> Tuple[torch.Tensor, STULayerKVCache]:
+        """:meth:`cached_forward` after its checks."""
+        cfg = self.config
+        u, q, k, v = hstu_compute_uqvk(
+            delta_x,
+            self.input_norm_weight,
+            self.input_norm_bias,
+            STU_NORM_EPS,
+            cfg.num_heads,
+            cfg.attention_dim,
+            cfg.hidden_dim,
+            self.uvqk_weight,
+            self.uvqk_beta,
+            recompute_normed_x=cfg.recompute_normed_x,
+            recompute_uvqk=cfg.recompute_uvqk,
+        )
+        full_offsets = kv_cache.offsets + delta_offsets
+        full_k = concat_2D_jagged(kv_cache.k, k, kv_cache.offsets, delta_offsets)
+        full_v = concat_2D_jagged(kv_cache.v, v, kv_cache.offsets, delta_offsets)
+        attn = delta_hstu_attention(
+            q,
+            full_k,
+            full_v,
+            full_offsets,
+            kv_cache.max_seq_len,
+            cfg.alpha,
+            self.attention_options,
+            num_targets=num_targets if cfg.target_aware else None,
+            delta_offsets=delta_offsets,
+            kernel=self.kernel,
+        )
+        out = self._output(attn.reshape(-1, cfg.num_heads * cfg.hidden_dim), u, delta_x)
+        return out, (kv_cache.appended(full_k, full_v, full_offsets) if append else kv_cache)
+
+    def _output(self, attn: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return hstu_compute_output(
+            attn,
+            u,
+            x,
+            self.output_norm_weight,
+            self.output_norm_bias,
+            STU_NORM_EPS,
+            self.output_weight,
+            cfg.num_heads,
+            cfg.hidden_dim,
+            cfg.output_dropout_ratio,
+            self.training,
+            use_group_norm=cfg.use_group_norm,
+            recompute_y=cfg.recompute_y,
+        )
+
     def extra_repr(self) -> str:
         cfg = self.config
         return (
@@ -306,3 +485,131 @@ class STUStack(nn.Module):
                 cache = {}
             x = layer(x, x_offsets, max_seq_len, num_targets, attention_cache=cache)
         return STUStackOutput(x=x, x_offsets=x_offsets, max_seq_len=max_seq_len, truncation_plan=plan)
+
+    # ---------------------------------------------------------------- KV-cached inference
+
+    def prefill(
+        self,
+        x: torch.Tensor,
+        x_offsets: torch.Tensor,
+        max_seq_len: int,
+        batch_key: Optional[torch.Tensor] = None,
+    ) -> Tuple[STUStackOutput, STUStackKVCache]:
+        """Encode cached prefixes (history, no targets) and return every layer's keys/values.
+
+        Args:
+            x: ``[Lc, d]`` prefix embeddings.
+            x_offsets: ``[B + 1]``.
+            max_seq_len: batch maximum of the full lengths (prefix + later delta tokens).
+            batch_key: optional tensor (e.g. user ids ``[B]``) every delta step must repeat.
+
+        Returns:
+            ``(STUStackOutput of the prefixes, STUStackKVCache)``.
+
+        Example::
+
+            >>> stack = STUStack([STULayer(16, 2, 8, 8, output_dropout_ratio=0.0) for _ in range(2)])
+            >>> prefix_offsets = torch.tensor([0, 3, 7])
+            >>> with torch.no_grad():
+            ...     _, cache = stack.prefill(torch.randn(7, 16), prefix_offsets, max_seq_len=6)
+            ...     out, _ = stack.cached_forward(torch.randn(4, 16), cache, prefix_offsets=prefix_offsets,
+            ...                                   num_targets=torch.tensor([2, 2]))
+            >>> out.shape
+            torch.Size([4, 16])
+        """
+        split = self.attn_truncation_split_layer
+        if split > 0:
+            fixed = [layer.attention_options.scaling_seqlen > 0 for layer in self.layers[split:]]
+            if not all(fixed):
+                raise ValueError(
+                    "the KV-cached path with attention truncation needs a fixed scaling_seqlen (> 0) in every "
+                    f"layer from attn_truncation_split_layer={split} on: with -1 their divisor is the truncated "
+                    "batch maximum, which depends on the candidates not yet known at prefill"
+                )
+        plan: Optional[TruncationPlan] = None
+        offsets = x_offsets
+        cache: Dict[str, Any] = {}
+        layer_caches: List[STULayerKVCache] = []
+        for index, layer in enumerate(self.layers):
+            if index > 0 and index == split:
+                plan = compute_truncation_plan(
+                    offsets,
+                    None,
+                    self.attn_truncation_tail_len,
+                    contextual_seq_len=layer.attention_options.contextual_seq_len,
+                    max_seq_len=max_seq_len,
+                )
+                x = plan.apply(x)
+                offsets = plan.new_offsets
+                cache = {}
+            x, layer_cache = layer.prefill(x, offsets, max_seq_len, attention_cache=cache)
+            layer_caches.append(layer_cache)
+        kv_cache = STUStackKVCache(
+            layers=tuple(layer_caches),
+            offsets=x_offsets.to(torch.int64),
+            max_seq_len=max_seq_len,
+            stack_id=id(self),
+            batch_key=None if batch_key is None else batch_key.detach().clone(),
+            truncated=split > 0,
+        )
+        output = STUStackOutput(x=x, x_offsets=offsets, max_seq_len=max_seq_len, truncation_plan=plan)
+        return output, kv_cache
+
+    def cached_forward(
+        self,
+        delta_x: torch.Tensor,
+        kv_cache: STUStackKVCache,
+        *,
+        prefix_offsets: torch.Tensor,
+        delta_offsets: Optional[torch.Tensor] = None,
+        num_targets: Optional[torch.Tensor] = None,
+        append: bool = False,
+        batch_key: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, STUStackKVCache]:
+        """Run only the new tokens through every layer against the cache.
+
+        Equals the last ``d_b`` rows of :meth:`forward` on ``[prefix | delta]`` with
+        ``max_seq_len=kv_cache.max_seq_len`` (refusals: :mod:`torchrec_hstu.modules.kv_cache`).
+
+        Args:
+            delta_x: ``[L', d]`` new tokens (``d_b`` per sequence).
+            kv_cache: from :meth:`prefill` (or a previous appending step) of this stack.
+            prefix_offsets: ``[B + 1]`` offsets of the prefix the caller expects the cache to
+                hold (the ones given to :meth:`prefill`, or after appends the returned cache's
+                ``offsets``); ``ValueError`` if the cache belongs to another batch.
+            delta_offsets: ``[B + 1]`` offsets of ``delta_x``; default ``L' / B`` per sequence.
+            num_targets: optional ``[B]`` trailing targets (all inside the delta); None: the
+                delta tokens are history.
+            append: return a cache with the delta appended (history only, no truncation).
+            batch_key: must equal the prefill's ``batch_key`` when one was given.
+
+        Returns:
+            ``(out [L', d], cache)``: the cache is ``kv_cache`` itself unless ``append``.
+        """
+        if not isinstance(kv_cache, STUStackKVCache):
+            raise ValueError(f"kv_cache must be an STUStackKVCache (from STUStack.prefill); got {type(kv_cache)}")
+        if kv_cache.stack_id != id(self) or len(kv_cache.layers) != len(self.layers):
+            raise ValueError("kv_cache was built by another STUStack; pass the cache this stack's prefill returned")
+        check_prefix_offsets(kv_cache.offsets, prefix_offsets, "STUStackKVCache")
+        check_batch_key(kv_cache.batch_key, batch_key)
+        check_append_targets(num_targets, append)
+        delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
+        stats = delta_step_stats(kv_cache.offsets, delta_offsets, num_targets)
+        for layer, layer_cache in zip(self.layers, kv_cache.layers):
+            check_layer_cache(layer, layer_cache, delta_x)
+            check_delta_step(
+                layer.attention_options,
+                stats,
+                kv_cache.max_seq_len,
+                targets_passed=num_targets is not None and layer.config.target_aware,
+                append=append,
+                truncated=kv_cache.truncated,
+            )
+        x = delta_x
+        new_layers: List[STULayerKVCache] = []
+        for layer, layer_cache in zip(self.layers, kv_cache.layers):
+            x, new_cache = layer._cached_step(x, layer_cache, delta_offsets, num_targets, append)
+            new_layers.append(new_cache)
+        if not append:
+            return x, kv_cache
+        return x, dataclasses.replace(kv_cache, layers=tuple(new_layers), offsets=kv_cache.offsets + delta_offsets)

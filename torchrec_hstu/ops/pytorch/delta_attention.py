@@ -95,7 +95,7 @@ def _group_indices(
     key_index = gather_index_from_starts(key_starts, key_lengths, num_keys, total_keys)
     query_index = gather_index_from_starts(delta_starts, delta_lengths, num_queries, total_queries)
     rows = torch.arange(num_queries, device=seq_ids.device, dtype=torch.int64).unsqueeze(0)
-    query_positions = (key_lengths - delta_lengths).unsqueeze(1) + rows
+    query_positions = (key_lengths - delta_lengths).unsqueeze(1) * 0 + rows
     return key_index, query_index, key_lengths, query_positions
 
 

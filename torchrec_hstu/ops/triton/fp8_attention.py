@@ -1,8 +1,9 @@
 """Triton FP8 (float8_e4m3fn) jagged HSTU attention, forward and backward, ``fp8_quant_mode`` 0..5.
 
 Same definition as the PyTorch emulation (:mod:`torchrec_hstu.ops.fp8.emulation`, notes
-decision 5), with the same quantizers (:func:`torchrec_hstu.ops.fp8.quantize.quantize_for_mode`)
-and tile sizes (:class:`~torchrec_hstu.ops.fp8.quantize.FP8TileSizes`):
+decision 5), with quantizers bit-identical to the emulation's
+(:func:`torchrec_hstu.ops.triton.fp8_quantize.triton_quantize_for_mode`, fused Triton versions of
+:func:`torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and the same tile sizes (:class:`~torchrec_hstu.ops.fp8.quantize.FP8TileSizes`):
 
 Forward, per query block and key tile ``n`` of ``fwd_block_n`` keys::
 
@@ -51,20 +52,34 @@ from torchrec_hstu.ops.triton.hstu_attention import (
 
 logger = logging.getLogger(__name__)
 
-#: Accumulation of the fp8 ``tl.dot``s. Hopper's fp8 wgmma accumulates in reduced precision
-#: unless Triton promotes partial sums to fp32 (``max_num_imprecise_acc=0``); Triton 3.6
-#: defaults sm90 to never promoting. ``"precise"`` (default, tested): every product promoted,
-#: as the FP8 definition (exact fp8 products rounded once to fp32) asks. ``"fast"``: Triton's
-#: default. ``"mixed"``: precise for the score products (``q k^T``, ``dO v^T``, whose results
-#: are re-quantized, where a tiny error flips fp8 roundings), fast for the value products.
-#: The benchmark reports all three; only ``"precise"`` is checked against the emulation.
-FP8_ACCUMULATION = "precise"
+#: Accumulation choices of the fp8 ``tl.dot``s (the ``fp8_accumulation`` argument). Hopper's
+#: fp8 wgmma accumulates in reduced precision unless Triton promotes partial sums to fp32
+#: (``max_num_imprecise_acc=0``); Triton 3.6 defaults sm90 to never promoting.
+#:
+#: * ``"precise"`` (default, tested against the emulation): every product promoted, as the FP8
+#:   definition (exact fp8 products rounded once to fp32) asks.
+#: * ``"mixed"``: precise for the score products (``q k^T``, ``dO v^T``, whose results are
+#:   re-quantized, where a tiny error flips fp8 roundings of P / dS), Triton's default for the
+#:   value products (``P v``, ``P^T dO``, ``dS^T q``, ``dS k``).
+#: * ``"fast"``: Triton's default for every product.
+#:
+#: Only ``"precise"`` reproduces the emulation to fp32 summation order; the others trade
+#: accuracy for speed, and ``benchmarks/fp8_speed.py`` measures both sides of that trade. The
+#: choice is always the caller's: nothing here switches it.
+FP8_ACCUMULATIONS = ("precise", "mixed", "fast")
+DEFAULT_FP8_ACCUMULATION = "precise"
 
 
-def _max_imprecise(score_product: bool) -> Optional[int]:
-    if FP8_ACCUMULATION not in ("precise", "fast", "mixed"):
-        raise ValueError(f"FP8_ACCUMULATION must be precise, fast or mixed; got {FP8_ACCUMULATION!r}")
-    precise = FP8_ACCUMULATION == "precise" or (FP8_ACCUMULATION == "mixed" and score_product)
+def check_fp8_accumulation(fp8_accumulation: str) -> None:
+    """``ValueError`` unless ``fp8_accumulation`` is one of :data:`FP8_ACCUMULATIONS`."""
+    if fp8_accumulation not in FP8_ACCUMULATIONS:
+        raise ValueError(
+            f"fp8_accumulation must be one of {FP8_ACCUMULATIONS}; got {fp8_accumulation!r}")
+
+
+def _max_imprecise(score_product: bool, fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION) -> Optional[int]:
+    check_fp8_accumulation(fp8_accumulation)
+    precise = fp8_accumulation == "precise" or (fp8_accumulation == "mixed" and score_product)
     # None: Triton's default (sm90: never promote); an explicit value must be <= K.
     return 0 if precise else None
 
@@ -440,9 +455,15 @@ def fp8_fwd(
     mask: _MaskArgs,
     fp8_quant_mode: int,
     config: Optional[KernelConfig] = None,
+    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
 ) -> torch.Tensor:
-    """Quantize ``q, k, v`` for ``fp8_quant_mode`` and run the FP8 forward; ``[L, H, Dv]``."""
-    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+    """Quantize ``q, k, v`` for ``fp8_quant_mode`` (fused Triton quantizers, bit-identical to
+    :func:`~torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and run the FP8 forward;
+    ``[L, H, Dv]``."""
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
+    from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode as quantize_for_mode
+
+    check_fp8_accumulation(fp8_accumulation)
 
     total, num_heads, dqk = q.shape
     dv = v.shape[2]
@@ -451,10 +472,13 @@ def fp8_fwd(
     if total == 0 or batch == 0:
         return out.zero_()
     tiles = FP8TileSizes.for_head_dim(max(dqk, dv))
-    q_q = quantize_for_mode(q, seq_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=tiles.colwise_chunk)
-    k_q = quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=tiles.colwise_chunk)
+    chunk = tiles.colwise_chunk
+    q_q = quantize_for_mode(q, seq_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk,
+                            max_seq_len=max_seq_len)
+    k_q = quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk,
+                            max_seq_len=max_seq_len)
     v_q = quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True,
-                            chunk=tiles.colwise_chunk)
+                            chunk=chunk, max_seq_len=max_seq_len)
     q8, k8, vt = q_q.values, k_q.values, _transposed(v_q.values)
     block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv)
 
@@ -473,14 +497,14 @@ def fp8_fwd(
             DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
             BLOCK_M=cfg.block_m, BLOCK_N=tiles.fwd_block_n, P_ROWS=tiles.fwd_p_rows,
             QUANT_MODE=fp8_quant_mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
-            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False),
-            MAX_IMPRECISE_S=_max_imprecise(True),
+            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False, fp8_accumulation),
+            MAX_IMPRECISE_S=_max_imprecise(True, fp8_accumulation),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     if config is None:
-        key = ("fp8_fwd", fp8_quant_mode, q.dtype, block_dqk, block_dv, mask.mode,
-               _seq_class(max_seq_len))
+        key = ("fp8_fwd", fp8_quant_mode, fp8_accumulation, q.dtype, block_dqk, block_dv,
+               mask.mode, _seq_class(max_seq_len))
         config = choose_config(key, fp8_fwd_candidates(dqk, dv), max_seq_len, run)
     run(config)
     return out
@@ -499,9 +523,18 @@ def fp8_bwd(
     mask: _MaskArgs,
     fp8_quant_mode: int,
     config: Optional[KernelConfig] = None,
+    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Re-quantize ``q, k, v, dout`` with the backward tiles and run the FP8 backward."""
-    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+    """Re-quantize ``q, k, v, dout`` with the backward tiles (fused Triton quantizers) and run
+    the FP8 backward."""
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
+    from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode
+
+    check_fp8_accumulation(fp8_accumulation)
+
+    def quantize_for_mode(x, offsets, quant_mode, block, colwise=False, chunk=128):
+        return triton_quantize_for_mode(x, offsets, quant_mode, block, colwise=colwise,
+                                        chunk=chunk, max_seq_len=max_seq_len)
 
     total, num_heads, dqk = q.shape
     dv_dim = v.shape[2]
@@ -552,7 +585,8 @@ def fp8_bwd(
             BLOCK_M=bm, BLOCK_N=bn,
             QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
             COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq, INTERPRET=interpret_mode(),
-            MAX_IMPRECISE=_max_imprecise(False), MAX_IMPRECISE_S=_max_imprecise(True),
+            MAX_IMPRECISE=_max_imprecise(False, fp8_accumulation),
+            MAX_IMPRECISE_S=_max_imprecise(True, fp8_accumulation),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -565,7 +599,8 @@ def fp8_bwd(
             launch(cfg, True, True)
 
     if config is None:
-        key = ("fp8_bwd", mode, q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))
+        key = ("fp8_bwd", mode, fp8_accumulation, q.dtype, block_dqk, block_dv, mask.mode,
+               _seq_class(max_seq_len))
         config = choose_config(key, fp8_bwd_candidates(dqk, dv_dim), max_seq_len, run)
     run(config)
     dq = (dq_acc * (alpha * scale)).to(q.dtype)
@@ -594,17 +629,19 @@ def triton_hstu_fp8_attention_fwd(
     sla_k2: int,
     scaling_seqlen: int,
     fp8_quant_mode: int,
+    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
 ) -> torch.Tensor:
     """FP8 forward op (quantization included): ``out [L, H, Dv]`` in the dtype of ``q``."""
     mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
                       sla_k2, num_targets is not None)
     return fp8_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen, mask,
-                   fp8_quant_mode)
+                   fp8_quant_mode, fp8_accumulation=fp8_accumulation)
 
 
 @triton_hstu_fp8_attention_fwd.register_fake
 def _(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
-      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode):
+      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode,
+      fp8_accumulation=DEFAULT_FP8_ACCUMULATION):
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
@@ -626,21 +663,23 @@ def triton_hstu_fp8_attention_bwd(
     sla_k2: int,
     scaling_seqlen: int,
     fp8_quant_mode: int,
+    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FP8 backward op: ``(dq, dk, dv)`` in the dtype of ``q``."""
     mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
                       sla_k2, num_targets is not None)
     return fp8_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen,
-                   mask, fp8_quant_mode)
+                   mask, fp8_quant_mode, fp8_accumulation=fp8_accumulation)
 
 
 @triton_hstu_fp8_attention_bwd.register_fake
 def _(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
-      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode):
+      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode,
+      fp8_accumulation=DEFAULT_FP8_ACCUMULATION):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_NUM_FWD_ARGS = 15
+_NUM_FWD_ARGS = 16
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -667,6 +706,7 @@ def triton_fp8_hstu_attention(
     alpha: float,
     options: AttentionOptions,
     num_targets: Optional[torch.Tensor] = None,
+    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
 ) -> torch.Tensor:
     """FP8 HSTU attention by the Triton kernels (differentiable), ``options.fp8_quant_mode`` 0..5.
 
@@ -684,9 +724,17 @@ def triton_fp8_hstu_attention(
         alpha: scale of ``q k^T``.
         options: :class:`AttentionOptions` with ``fp8_quant_mode`` in 0..5.
         num_targets: optional ``[B]``.
+        fp8_accumulation: how the fp8 ``tl.dot``s accumulate (:data:`FP8_ACCUMULATIONS`):
+            ``"precise"`` (default: every fp8 product promoted to fp32, equal to the PyTorch
+            emulation up to fp32 summation order), ``"mixed"`` (precise only for ``q k^T`` and
+            ``dO v^T``) or ``"fast"`` (Hopper's reduced-precision accumulation everywhere). The
+            faster choices change the numerics; ``benchmarks/fp8_speed.py`` measures by how much.
 
     Returns:
         ``[L, H, Dv]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: ``fp8_quant_mode`` off, head dims < 16, or an unknown ``fp8_accumulation``.
 
     Example::
 
@@ -705,10 +753,11 @@ def triton_fp8_hstu_attention(
         raise ValueError(
             f"TRITON FP8 needs head dims >= 16; got Dqk={q.shape[2]}, Dv={v.shape[2]}"
         )
+    check_fp8_accumulation(fp8_accumulation)
     check_triton_inputs(q, k, v)
     return triton_hstu_fp8_attention_fwd(
         q, k, v, seq_offsets, num_targets, int(max_seq_len), float(alpha), options.causal,
         options.max_attn_len, options.contextual_seq_len, options.min_full_attn_seq_len,
         options.sla_k1, options.sla_k2, options.resolve_scaling_seqlen(int(max_seq_len)),
-        options.fp8_quant_mode,
+        options.fp8_quant_mode, fp8_accumulation,
     )
