@@ -22,6 +22,7 @@ Writes ``<date>-<device>-attention.{json,md,png}`` into ``--out-dir``.
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -185,7 +186,7 @@ def run_case(
 
 def accumulation_probe(batch: int = 16, max_len: int = 4096, dim: int = 128, num_heads: int = 4,
                        modes=(2, 5)) -> List[Dict]:
-    """FP8 fwd / fwd+bwd under each ``FP8_ACCUMULATION`` policy, next to bf16, one shape."""
+    """FP8 fwd / fwd+bwd under each ``fp8_accumulation`` choice, next to bf16, one shape."""
     from torchrec_hstu.ops.triton import fp8_attention
     from torchrec_hstu.ops.triton.hstu_attention import triton_hstu_attention
 
@@ -210,14 +211,10 @@ def accumulation_probe(batch: int = 16, max_len: int = 4096, dim: int = 128, num
             print(f"  {name:>32s} {direction:>7s} {ms:9.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s", flush=True)
 
     timed("triton_bf16", triton_hstu_attention, AttentionOptions())
-    for policy in ("precise", "mixed", "fast"):
-        fp8_attention.FP8_ACCUMULATION = policy
-        try:
-            for mode in modes:
-                timed(f"triton_fp8_mode{mode}_{policy}", fp8_attention.triton_fp8_hstu_attention,
-                      AttentionOptions(fp8_quant_mode=mode))
-        finally:
-            fp8_attention.FP8_ACCUMULATION = "precise"
+    for policy in fp8_attention.FP8_ACCUMULATIONS:
+        entry = functools.partial(fp8_attention.triton_fp8_hstu_attention, fp8_accumulation=policy)
+        for mode in modes:
+            timed(f"triton_fp8_mode{mode}_{policy}", entry, AttentionOptions(fp8_quant_mode=mode))
     return rows
 
 
@@ -304,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--reference-max-n", type=int, default=2048)
     parser.add_argument("--tag", default="attention")
     parser.add_argument("--accumulation-probe", action="store_true",
-                        help="only time FP8 modes 2, 5 under each FP8_ACCUMULATION policy (N=4096, D=128)")
+                        help="only time FP8 modes 2, 5 under each fp8_accumulation choice (N=4096, D=128)")
     args = parser.parse_args(argv)
 
     import logging

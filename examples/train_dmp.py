@@ -84,10 +84,20 @@ DEFAULTS = {
 # -- command line ----------------------------------------------------------------------------
 
 
-def _copy_groups(source: argparse.ArgumentParser, target: argparse.ArgumentParser, prefixes: Sequence[str]) -> List[str]:
+#: Model flags that do not change the model's tensors (free to differ when resuming).
+_NOT_IN_MODEL_CONFIG = ("kernel", "dropout")
+
+
+def _copy_groups(
+    source: argparse.ArgumentParser, target: argparse.ArgumentParser, prefixes: Sequence[str]
+) -> Dict[str, List[str]]:
     """Add the argument groups of ``source`` whose titles start with ``prefixes`` to ``target``
-    (same flags, defaults and help as the single-process example); returns their dests."""
-    dests: List[str] = []
+    (same flags, defaults and help as the single-process example).
+
+    Returns:
+        ``{prefix: dests of its flags}``.
+    """
+    dests: Dict[str, List[str]] = {}
     for prefix in prefixes:
         groups = [g for g in source._action_groups if (g.title or "").startswith(prefix)]
         if not groups:
@@ -96,7 +106,7 @@ def _copy_groups(source: argparse.ArgumentParser, target: argparse.ArgumentParse
             new = target.add_argument_group(group.title)
             for action in group._group_actions:
                 new._add_action(action)
-                dests.append(action.dest)
+                dests.setdefault(prefix, []).append(action.dest)
     return dests
 
 
@@ -111,8 +121,8 @@ def build_parser(tasks: Sequence[str] = tuple(TASKS)) -> argparse.ArgumentParser
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if task not in tasks:
             continue
-        model_dests = _copy_groups(_example(task).build_parser(), sub, ("data", "model"))
-        sub.set_defaults(model_dests=model_dests)
+        copied = _copy_groups(_example(task).build_parser(), sub, ("data", "model"))
+        sub.set_defaults(model_dests=[d for d in copied["model"] if d not in _NOT_IN_MODEL_CONFIG])
         d = DEFAULTS[task]
         g = sub.add_argument_group("distributed training")
         g.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl; rank i uses cuda:LOCAL_RANK)")

@@ -45,7 +45,7 @@ def _assert_identical(x, offsets, mode, colwise, block, max_seq_len, chunk=128) 
 
 @settings(max_examples=20)
 @given(batch=jagged_batches(max_batch=8, max_len=300), heads=st.integers(1, 4),
-       dim=st.sampled_from([16, 48, 64, 128]),
+       dim=st.sampled_from([16, 48, 128]),
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
        scale=st.sampled_from([1e-4, 1.0, 30.0]), seed=st.integers(0, 2**16))
 def test_bit_identical_on_jagged_batches(batch, heads, dim, dtype, scale, seed):

@@ -232,6 +232,9 @@ def read_manifest(path: str, verify_files: bool = True) -> CheckpointInfo:
         problems = []
         for name, expected in files.items():
             full = os.path.join(path, name)
+            if os.path.basename(name) != name or name in ("", ".", ".."):
+                problems.append(f"{name!r}: not a file name inside the checkpoint folder")
+                continue
             if not os.path.isfile(full):
                 problems.append(f"{name}: missing")
                 continue

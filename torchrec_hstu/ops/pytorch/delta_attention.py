@@ -95,14 +95,18 @@ def _group_indices(
     key_index = gather_index_from_starts(key_starts, key_lengths, num_keys, total_keys)
     query_index = gather_index_from_starts(delta_starts, delta_lengths, num_queries, total_queries)
     rows = torch.arange(num_queries, device=seq_ids.device, dtype=torch.int64).unsqueeze(0)
-    query_positions = (key_lengths - delta_lengths).unsqueeze(1) * 0 + rows
+    query_positions = (key_lengths - delta_lengths).unsqueeze(1) + rows
     return key_index, query_index, key_lengths, query_positions
 
 
 def _padded_rows(x: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``index [b, N]`` of jagged ``x [L, H, D]`` (index ``L`` -> zeros) as ``[b, H, N, D]``."""
-    padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))]).to(dtype)
-    rows = padded.index_select(0, index.reshape(-1))
+    """Rows ``index [b, N]`` of jagged ``x [L, H, D]`` as ``[b, H, N, D]`` in ``dtype``.
+
+    Padded slots (``index == L``) read row 0 (no padded copy of ``x`` is made); callers mask
+    them (keys: weight 0, so no gradient either) or drop them (queries).
+    """
+    read_index = torch.where(index < x.shape[0], index, torch.zeros_like(index))
+    rows = x.index_select(0, read_index.reshape(-1)).to(dtype)
     return rows.view(tuple(index.shape) + tuple(x.shape[1:])).transpose(1, 2)
 
 

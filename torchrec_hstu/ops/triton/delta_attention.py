@@ -271,7 +271,8 @@ def fp8_delta_fwd(
     num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     """Quantize (delta-q rule) and launch the FP8 delta kernel; returns ``[L', H, Dv]``."""
-    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
+    from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode
 
     total_q, num_heads, dqk = delta_q.shape
     dv = v.shape[2]
@@ -281,14 +282,18 @@ def fp8_delta_fwd(
         return out.zero_()
     tiles = FP8TileSizes.for_head_dim(max(dqk, dv))
     chunk = tiles.colwise_chunk
-    q_q = quantize_for_mode(delta_q, delta_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk)
-    k_q = quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk)
-    v_q = quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True, chunk=chunk)
+    # Fused Triton quantizers, bit-identical to ops.fp8.quantize (the emulation's).
+    q_q = triton_quantize_for_mode(delta_q, delta_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk,
+                                   max_seq_len=max_delta_len)
+    k_q = triton_quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk,
+                                   max_seq_len=max_seq_len)
+    v_q = triton_quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True, chunk=chunk,
+                                   max_seq_len=max_seq_len)
     q8, k8, vt = q_q.values, k_q.values, _transposed(v_q.values)
     block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv)
-    block_m = _delta_block_m(max_delta_len, tiles.fwd_p_rows)
-    if interpret_mode():
-        block_m = min(block_m, 32)
+    # 64 rows per program on the GPU, as the full FP8 forward (fp8 dots of 64 x BLOCK_N map to
+    # one Hopper warpgroup MMA); the interpreter takes the smallest block holding the delta.
+    block_m = min(_delta_block_m(max_delta_len, tiles.fwd_p_rows), 32) if interpret_mode() else 64
     grid = (batch * num_heads, triton.cdiv(max_delta_len, block_m))
     _fp8_delta_fwd_kernel[grid](
         q8, q_q.token_descale, k8, k_q.token_descale, vt, v_q.token_descale, out, seq_offsets,

@@ -1,9 +1,10 @@
 """Triton FP8 (float8_e4m3fn) jagged HSTU attention, forward and backward, ``fp8_quant_mode`` 0..5.
 
 Same definition as the PyTorch emulation (:mod:`torchrec_hstu.ops.fp8.emulation`, notes
-decision 5), with quantizers bit-identical to the emulation's
-(:func:`torchrec_hstu.ops.triton.fp8_quantize.triton_quantize_for_mode`, fused Triton versions of
-:func:`torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and the same tile sizes (:class:`~torchrec_hstu.ops.fp8.quantize.FP8TileSizes`):
+decision 5), with quantizers bit-identical to the emulation's (the fused Triton
+:func:`torchrec_hstu.ops.triton.fp8_quantize.triton_quantize_for_mode`, equal to
+:func:`torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and the same tile sizes
+(:class:`~torchrec_hstu.ops.fp8.quantize.FP8TileSizes`):
 
 Forward, per query block and key tile ``n`` of ``fwd_block_n`` keys::
 

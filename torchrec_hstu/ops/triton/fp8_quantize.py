@@ -40,7 +40,6 @@ import triton.language as tl
 from torchrec_hstu.ops.fp8.quantize import (
     COLWISE_CHUNK,
     FP8_DTYPE,
-    FP8_MAX,
     SCALE_EPS,
     FP8Quantized,
     descale_from_amax,
@@ -90,8 +89,8 @@ def _descale(amax, RECIPROCAL: tl.constexpr):
 @triton.jit
 def _rows_kernel(
     X, OUT, DESC, TOK_DESC, AMAX,
-    R, H, stride_xt, stride_xh,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MODE: tl.constexpr,
+    R, H, stride_xt, stride_xh, D,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MODE: tl.constexpr,
     RECIPROCAL: tl.constexpr, SATURATE: tl.constexpr,
 ):
     """Flat over ``R = L * H`` rows (token, head). MODE 0: plain cast; 1: per-row descale
@@ -123,8 +122,8 @@ def _rows_kernel(
 @triton.jit
 def _seq_kernel(
     X, OUT, DESC, TOK_DESC, BLOCK_OFFSETS, AMAX, seq_offsets,
-    H, stride_xt, stride_xh,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
+    H, stride_xt, stride_xh, D,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
     RECIPROCAL: tl.constexpr, SATURATE: tl.constexpr,
 ):
     """One program per (sequence-aligned block of ``BLOCK_T`` tokens, sequence ``b``, head).
@@ -290,8 +289,8 @@ def triton_quantize_for_mode(
         grid = (batch * heads, triton.cdiv(max_seq_len, tile))
         _seq_kernel[grid](
             x, out, desc, tok_desc, block_offsets, amax, seq_offsets,
-            heads, x.stride(0), x.stride(1),
-            D=dim, BLOCK_D=block_d, BLOCK_T=tile, MODE=kind, RECIPROCAL=reciprocal,
+            heads, x.stride(0), x.stride(1), dim,
+            BLOCK_D=block_d, BLOCK_T=tile, MODE=kind, RECIPROCAL=reciprocal,
             SATURATE=torch_cast_saturates(device),
             num_warps=_warps(tile * block_d),
         )
@@ -300,8 +299,8 @@ def triton_quantize_for_mode(
         if rows == 0:
             return
         _rows_kernel[rows_grid](
-            x, out, desc, desc, amax, rows, heads, x.stride(0), x.stride(1),
-            D=dim, BLOCK_D=block_d, BLOCK_R=_ROWS, MODE=kind, RECIPROCAL=reciprocal,
+            x, out, desc, desc, amax, rows, heads, x.stride(0), x.stride(1), dim,
+            BLOCK_D=block_d, BLOCK_R=_ROWS, MODE=kind, RECIPROCAL=reciprocal,
             SATURATE=torch_cast_saturates(device),
             num_warps=_warps(_ROWS * block_d),
         )
@@ -341,4 +340,4 @@ def triton_quantize_for_mode(
     return FP8Quantized(values, descale, token_descale)
 
 
-__all__ = ["triton_quantize_for_mode", "FP8_MAX"]
+__all__ = ["triton_quantize_for_mode", "torch_cast_saturates"]
