@@ -68,6 +68,7 @@ __all__ = [
     "ExportResult",
     "InputSpec",
     "ModelSignature",
+    "autocast_context",
     "build_model_from_config",
     "compile_package",
     "export_model",

@@ -7,7 +7,6 @@ with Semi-Local Attention and attention truncation; ``scaling_seqlen = -1``.
 """
 
 import json
-import os
 
 import pytest
 import torch
