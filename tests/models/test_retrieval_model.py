@@ -158,3 +158,9 @@ def test_hstu_beats_popularity_on_small_builtin_data():
     popular = evaluate(MostPopular(split.train).scores)
     assert hstu["HR@10"] > popular["HR@10"] + 0.15, (hstu, popular)
     assert hstu["NDCG@10"] > popular["NDCG@10"] + 0.08, (hstu, popular)
+
+
+def test_user_embeddings_refuse_an_empty_history():
+    model = _model()
+    with pytest.raises(ValueError, match="lengths must be >= 1"):
+        model.user_embeddings(torch.tensor([1, 2, 3]), torch.tensor([3, 0]), torch.tensor([10, 20, 30]), max_seq_len=3)

@@ -30,7 +30,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
-from torchrec_hstu.ops.common import HSTUKernel
+from torchrec_hstu.ops.common import HSTUKernel, is_tracing
 from torchrec_hstu.ops.jagged import jagged_token_positions, lengths_to_offsets
 
 #: Negative sampling strategies of :func:`sample_negatives`.
@@ -313,8 +313,13 @@ class HSTURetrieval(nn.Module):
     ) -> torch.Tensor:
         """``[B, D]``: the output at each sequence's last token (the next-item query).
 
-        Every sequence must be non-empty.
+        Every sequence must be non-empty (an empty one has no last token to score from).
         """
+        if not is_tracing() and lengths.numel() > 0 and bool((lengths < 1).any()):
+            raise ValueError(
+                "lengths must be >= 1 for every sequence: an empty history has no last token to "
+                f"build the user embedding from; got lengths={lengths.tolist()[:16]}"
+            )
         outputs, _, _ = self.encode(item_ids, lengths, timestamps, max_seq_len)
         last = lengths_to_offsets(lengths.to(outputs.device))[1:] - 1
         return outputs[last]
