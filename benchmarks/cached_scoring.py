@@ -113,6 +113,9 @@ def measure(stack: STUStack, history: int, candidates: int, args: argparse.Names
     med = {name: statistics.median(values) for name, values in times.items()}
     saved = med["full"] - med["cached"]
     return {
+        "full_min_ms": min(times["full"]),
+        "cached_min_ms": min(times["cached"]),
+        "load_avg_1min": os.getloadavg()[0],
         "history": history,
         "candidates": candidates,
         "batch": batch,
@@ -165,22 +168,24 @@ def write_results(results: List[Dict], args: argparse.Namespace, device: torch.d
         f"contextual_seq_len {args.contextual_seq_len}",
         f"- time: median of {args.repeats} runs after {args.warmup} warmups, full / cached / prefill interleaved",
         "",
-        "| history N | candidates T | B | full ms | cached ms | ratio full/cached | prefill ms | "
-        "break-even sets | max abs diff (max abs out) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| history N | candidates T | B | full ms (min) | cached ms (min) | ratio full/cached | prefill ms | "
+        "break-even sets | max abs diff (max abs out) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         be = "-" if r["break_even_sets"] is None else f"{r['break_even_sets']:.2f}"
         lines.append(
-            f"| {r['history']} | {r['candidates']} | {r['batch']} | {r['full_ms']:.2f} | {r['cached_ms']:.2f} | "
-            f"{r['ratio']:.1f}x | {r['prefill_ms']:.2f} | {be} | {r['max_abs_diff']:.1e} ({r['max_abs_output']:.1f}) |"
+            f"| {r['history']} | {r['candidates']} | {r['batch']} | {r['full_ms']:.2f} ({r['full_min_ms']:.2f}) | "
+            f"{r['cached_ms']:.2f} ({r['cached_min_ms']:.2f}) | {r['ratio']:.1f}x | {r['prefill_ms']:.2f} | {be} | "
+            f"{r['max_abs_diff']:.1e} ({r['max_abs_output']:.1f}) | {r['load_avg_1min']:.1f} |"
         )
     lines += [
         "",
         "full: `stack(history ++ candidates, num_targets=T)` per candidate set; cached: "
         "`stack.cached_forward(candidates, cache)` against one `stack.prefill(history)`; "
         "break-even sets: candidate sets per prefill after which prefill + cached beats full "
-        "(`prefill / (full - cached)`).",
+        "(`prefill / (full - cached)`). load avg: the machine's 1-minute load average after the cell "
+        "(CPU runs share the cores with other jobs).",
     ]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -14,7 +14,9 @@ from torchrec_hstu.config import (
     load_config,
     parse_config,
 )
+from torchrec_hstu.config import validation
 from torchrec_hstu.modules import HSTUTransducer, MultiChannelHSTU, STULayer, STUStack
+from torchrec_hstu.ops.common import HSTUKernel
 
 STU = "stu { embedding_dim: 8 num_heads: 2 hidden_dim: 4 attention_dim: 4 %s }"
 
@@ -63,10 +65,6 @@ def test_validation_error_in_a_file_names_the_file(tmp_path):
          r"hstu\[0\]\.attn_truncation_tail_len is set but hstu\[0\]\.attn_truncation_split_layer is not; .*got 16"),
         (model(channel(stu_extra="fp8_quant_mode: 6")), r"hstu\[0\]\.stu\.fp8_quant_mode must be in \[-1, 5\].*; got 6"),
         (model(channel(stu_extra="fp8_quant_mode: -2")), r"hstu\[0\]\.stu\.fp8_quant_mode must be in \[-1, 5\].*; got -2"),
-        (model(channel(stu_extra="sla_k1: 4"), extra="kernel: TRITON"),
-         r"kernel='TRITON' cannot run Semi-Local Attention \(hstu\[0\]\.stu\.sla_k1=4, hstu\[0\]\.stu\.sla_k2=0\)"),
-        (model(channel(stu_extra="sla_k2: 2"), extra="kernel: AUTO"),
-         r"kernel='AUTO' cannot run Semi-Local Attention \(hstu\[0\]\.stu\.sla_k1=0, hstu\[0\]\.stu\.sla_k2=2\)"),
         (model(channel(stu_extra="sla_k1: 4 max_attn_len: 8")), r"hstu\[0\]\.stu\.max_attn_len must be 0 when Semi-Local.*; got 8"),
         (model(channel("a"), channel("a")), r"hstu\[1\]\.name must be unique; hstu\[0\] has the same name; got 'a'"),
         (model(channel("a"), channel("")), r"hstu\[1\]\.name must be non-empty when the model has 2 channels; got ''"),
@@ -104,22 +102,28 @@ def test_model_errors(text, message):
         build_multi_channel(cfg)
 
 
-def test_sla_kernel_rule_lives_in_one_function():
-    assert kernel_supports_sla("PYTORCH") and kernel_supports_sla("CUTLASS")
-    assert not kernel_supports_sla("TRITON") and not kernel_supports_sla("AUTO")
-    assert kernel_supports_sla(hstu_pb2.PYTORCH) and not kernel_supports_sla(hstu_pb2.TRITON)
+def test_sla_kernel_rule_lives_in_one_function(monkeypatch):
+    for kernel in ("PYTORCH", "TRITON", "CUTLASS", "AUTO", hstu_pb2.PYTORCH, hstu_pb2.TRITON):
+        assert kernel_supports_sla(kernel)
     with pytest.raises(ConfigError, match="kernel must be one of"):
         kernel_supports_sla("FLASH")
     hstu = text_format.Parse(STU % "sla_k1: 2", hstu_pb2.HSTU())
+    assert build_transducer(hstu, kernel="TRITON").stu_module.layers[0].kernel.value == "TRITON"
+    # A kernel without SLA (none today) is refused by config validation and the builders alike.
+    monkeypatch.setattr(validation, "SLA_KERNELS", {HSTUKernel.PYTORCH, HSTUKernel.CUTLASS})
+    assert not kernel_supports_sla("TRITON")
     with pytest.raises(ConfigError, match="kernel='TRITON' cannot run Semi-Local Attention"):
         build_transducer(hstu, kernel="TRITON")
     assert build_transducer(hstu, kernel="CUTLASS").stu_module.layers[0].kernel.value == "CUTLASS"
 
 
-def test_kernel_override_is_validated_too():
+def test_kernel_override_is_validated_too(monkeypatch):
+    monkeypatch.setattr(validation, "SLA_KERNELS", {HSTUKernel.PYTORCH, HSTUKernel.CUTLASS})
     cfg = parse_config(model(channel(stu_extra="sla_k1: 2")))
     with pytest.raises(ConfigError, match="kernel='TRITON' cannot run Semi-Local Attention"):
         build_multi_channel(cfg, kernel="TRITON")
+    with pytest.raises(ConfigError, match=r"kernel='AUTO' cannot run Semi-Local Attention \(hstu\[0\]\.stu\.sla_k1=2"):
+        parse_config(model(channel(stu_extra="sla_k1: 2"), extra="kernel: AUTO"))
 
 
 def test_hstu_and_stu_messages_validate_standalone():

@@ -27,9 +27,16 @@ __all__ = [
 
 KernelLike = Union[HSTUKernel, str, int]
 
-#: Kernels that implement the Semi-Local Attention mask. TRITON is absent until our Triton
-#: kernels implement it; AUTO is absent because it may resolve to TRITON on CUDA.
-SLA_KERNELS: Set[HSTUKernel] = {HSTUKernel.PYTORCH, HSTUKernel.CUTLASS}
+#: Kernels that implement the Semi-Local Attention mask: the PyTorch reference, our Triton
+#: kernels (the mask is computed in-kernel; tested against the reference on the H100), the
+#: CUTLASS wheel (through its NFUNC ``func`` mask), hence AUTO. A kernel added later without
+#: SLA stays out of this set and configs asking it for SLA are refused here.
+SLA_KERNELS: Set[HSTUKernel] = {
+    HSTUKernel.PYTORCH,
+    HSTUKernel.TRITON,
+    HSTUKernel.CUTLASS,
+    HSTUKernel.AUTO,
+}
 
 _TIME_BUCKET_FNS = ("sqrt", "log")
 
