@@ -1,8 +1,7 @@
 """Run the "use it in your torchrec model" snippet verbatim, so it can never rot.
 
 The snippet is the ```python block between ``<!-- snippet:start -->`` and
-``<!-- snippet:end -->`` in README.md; until README carries the markers, docs/foundation.md
-(where the snippet is written) is read instead.
+``<!-- snippet:end -->`` in README.md.
 """
 
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- snippet:start -->", "<!-- snippet:end -->"
-SOURCES = (ROOT / "README.md", ROOT / "docs" / "foundation.md")
+SOURCES = (ROOT / "README.md",)
 
 
 def extract_snippet(text: str) -> str:
@@ -27,7 +26,7 @@ def extract_snippet(text: str) -> str:
 
 
 def snippet_source() -> Tuple[Path, str]:
-    """README.md first, docs/foundation.md as the fallback."""
+    """The snippet of README.md."""
     for path in SOURCES:
         if path.exists() and START in path.read_text():
             return path, extract_snippet(path.read_text())

@@ -53,8 +53,10 @@ JaggedInput = Union[JaggedTensor, Dict[str, JaggedTensor]]
 
 def _param_fingerprint(module: nn.Module) -> Tuple[Tuple[int, int], ...]:
     """``(storage pointer, version counter)`` per parameter: changes on any in-place update
-    (optimizer step, ``load_state_dict``) or re-materialization (``.to()``)."""
-    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+    (optimizer step, ``load_state_dict``) or re-materialization (``.to()``). Parameters created
+    under ``torch.inference_mode()`` have no version counter (and cannot be updated in place
+    outside it); their storage pointer alone is recorded."""
+    return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in module.parameters())
 
 
 @dataclasses.dataclass(frozen=True)
