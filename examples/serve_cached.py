@@ -36,13 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from examples.common import device_description, resolve_device  # noqa: E402
-from torchrec_hstu.modules import (  # noqa: E402
-    ContextualPreprocessor,
-    HSTUPositionalEncoder,
-    HSTUTransducer,
-    STULayer,
-    STUStack,
-)
+from torchrec_hstu.modules import ContextualPreprocessor, HSTUPositionalEncoder, HSTUTransducer  # noqa: E402
 from torchrec_hstu.modules.kv_cache import prefill_transducer, score_candidates  # noqa: E402
 from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets  # noqa: E402
 

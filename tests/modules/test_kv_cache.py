@@ -8,7 +8,6 @@ cache cannot continue exactly) must raise ``ValueError``.
 """
 
 import copy
-import math
 from typing import Dict, List, Optional, Tuple
 
 import pytest
