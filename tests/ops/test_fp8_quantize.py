@@ -21,6 +21,9 @@ from torchrec_hstu.ops.fp8.quantize import (
     sequence_block_ids,
 )
 
+# descale = max(amax * fl32(1/448), 1e-6), the definition (see descale_from_amax).
+RECIPROCAL_448 = torch.tensor(1.0 / 448.0, dtype=torch.float32)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -101,8 +104,12 @@ def test_round_trip_exact_for_scaled_e4m3_values(name, mode, colwise, batch, see
         numel = x[g].numel()
         if numel == 0:
             continue
-        # A descale with a short mantissa (so 448 * s and e * s are exact in float32).
-        s = float(2.0 ** int(torch.randint(-12, 4, (1,), generator=gen)) * (1 + int(torch.randint(0, 8, (1,), generator=gen)) / 8))
+        # A descale with a short mantissa (so 448 * s and e * s are exact in float32) that is
+        # the group's descale: fl32(448 * s * fl32(1/448)) == s (always so for powers of two).
+        power = 2.0 ** int(torch.randint(-12, 4, (1,), generator=gen))
+        s = float(power * (1 + int(torch.randint(0, 8, (1,), generator=gen)) / 8))
+        if float(torch.tensor(448.0 * s, dtype=torch.float32) * RECIPROCAL_448) != s:
+            s = power
         view = e[g].reshape(-1).clone()
         view[int(torch.randint(0, numel, (1,), generator=gen))] = 448.0 * (1 if seed % 2 else -1)
         e[g] = view.reshape(e[g].shape)
@@ -129,7 +136,7 @@ def test_within_half_step_and_descale_from_group_amax(name, mode, colwise, batch
     expected = torch.ones(total, HEADS, DIM)
     for g in (groups(batch.lengths, mode, colwise) if mode != 0 else []):
         if x[g].numel():
-            expected[g] = max(float(x[g].float().abs().max()) / 448.0, 1e-6)
+            expected[g] = max(float(x[g].float().abs().max() * RECIPROCAL_448), 1e-6)
     torch.testing.assert_close(d, expected, rtol=2**-23, atol=0)
     y = x.float() / d
     assert bool((y.abs() <= 448.0 * (1 + 2**-22)).all()) or mode == 0
@@ -155,7 +162,7 @@ def test_changing_one_group_changes_only_its_descale(name, mode, colwise, batch,
     after = quantize(bumped, offsets, mode, colwise).token_descale.expand_as(x)
     in_group = torch.zeros_like(x, dtype=torch.bool)
     in_group[g] = True
-    assert bool((after[in_group] == torch.tensor(100.0) / 448.0).all())
+    assert bool((after[in_group] == torch.tensor(100.0) * RECIPROCAL_448).all())
     assert bool((after[in_group] != before[in_group]).all())
     torch.testing.assert_close(after[~in_group], before[~in_group], rtol=0, atol=0)
 
@@ -182,7 +189,7 @@ def test_quantize_tiles_scales_and_saturation():
     x8, scale = quantize_tiles(x, 4, 6)
     assert scale.shape == (2, 2, 2)
     tiles = x.reshape(2, 2, 4, 2, 6)
-    expected = torch.clamp(tiles.abs().amax(dim=(2, 4)) / 448.0, min=1e-6)
+    expected = torch.clamp(tiles.abs().amax(dim=(2, 4)) * RECIPROCAL_448, min=1e-6)
     torch.testing.assert_close(scale, expected, rtol=0, atol=0)
     assert float(x8[0, 2, 5].float()) == 448.0
     err = (x8.float() - x / scale.repeat_interleave(4, 1).repeat_interleave(6, 2)).abs()

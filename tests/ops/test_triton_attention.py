@@ -217,3 +217,4 @@ def test_triton_op_compiles_and_exports() -> None:
     exported = torch.export.export(M(), (q, k, v))
     assert "triton_hstu_attention_fwd" in str(exported.graph)
     torch.testing.assert_close(exported.module()(q, k, v), eager, rtol=0, atol=0)
+

@@ -43,6 +43,8 @@ from torchrec_hstu.ops.jagged import jagged_token_positions, lengths_to_offsets
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite float8_e4m3fn value.
 FP8_MAX = 448.0
+#: ``fl32(1 / 448)``: descales are ``amax * FP8_MAX_RECIPROCAL`` (see :func:`descale_from_amax`).
+FP8_MAX_RECIPROCAL = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
 #: Lower bound of every descale (the kernel's EPSILON).
 SCALE_EPS = 1e-6
 #: Default token granularity of mode 1's column-wise scales.
@@ -119,8 +121,15 @@ class FP8Quantized(NamedTuple):
 
 
 def descale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """``max(amax / 448, 1e-6)`` in float32."""
-    return torch.clamp(amax.float() / FP8_MAX, min=SCALE_EPS)
+    """``max(amax / 448, 1e-6)`` in float32, as ``amax * fl32(1/448)`` on every device.
+
+    A multiplication by the float32 reciprocal, not a division: PyTorch's CUDA kernels turn
+    ``x / 448.0`` into exactly this product while its CPU kernels divide, which made CPU and
+    CUDA descales differ in the last bit for about half of the groups (measured on the H100).
+    One expression keeps the emulation bit-identical across devices and equal to the Triton
+    quantizers.
+    """
+    return torch.clamp(amax.float() * FP8_MAX_RECIPROCAL, min=SCALE_EPS)
 
 
 def saturate_to_fp8(x: torch.Tensor) -> torch.Tensor:

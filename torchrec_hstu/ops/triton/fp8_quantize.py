@@ -13,10 +13,9 @@ Exactness. Every output (fp8 bytes, ``descale``, ``token_descale``, ``block_offs
 :func:`~torchrec_hstu.ops.fp8.quantize.quantize_for_mode`'s bit for bit, on the same device:
 
 * ``x / descale`` is IEEE division (``div_rn``), as in PyTorch.
-* ``descale = max(amax / 448, 1e-6)``: PyTorch's CUDA kernels divide by a Python scalar as a
-  multiplication by its fp32 reciprocal (``amax * fl(1/448)``), its CPU kernels divide. The
-  one-pass kernels follow the convention of the tensor's device; the two-pass modes compute
-  the descale with PyTorch's own :func:`~torchrec_hstu.ops.fp8.quantize.descale_from_amax`.
+* ``descale = max(amax * fl32(1/448), 1e-6)`` on every device, as
+  :func:`~torchrec_hstu.ops.fp8.quantize.descale_from_amax` computes it; the two-pass modes
+  call that function directly.
 * The fp32 -> float8_e4m3fn conversion is done on integer bits with PyTorch's (c10's)
   algorithm: round to nearest even, non-saturating (``|x| > 464`` and NaN give NaN, as
   ``tensor.to(torch.float8_e4m3fn)`` does), so mode 0's plain cast matches too, and the
@@ -77,13 +76,9 @@ def _e4m3_bits(y, SATURATE: tl.constexpr):
 
 
 @triton.jit
-def _descale(amax, RECIPROCAL: tl.constexpr):
-    """``max(amax / 448, 1e-6)`` with PyTorch's arithmetic on the tensor's device."""
-    if RECIPROCAL:
-        d = amax * (1.0 / 448.0)
-    else:
-        d = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-    return tl.maximum(d, 1e-6)
+def _descale(amax):
+    """``max(amax * fl32(1/448), 1e-6)``: :func:`descale_from_amax`'s arithmetic."""
+    return tl.maximum(amax * (1.0 / 448.0), 1e-6)
 
 
 @triton.jit
@@ -91,7 +86,7 @@ def _rows_kernel(
     X, OUT, DESC, TOK_DESC, AMAX,
     R, H, stride_xt, stride_xh, D,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MODE: tl.constexpr,
-    RECIPROCAL: tl.constexpr, SATURATE: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     """Flat over ``R = L * H`` rows (token, head). MODE 0: plain cast; 1: per-row descale
     (written to ``DESC [R]``); 5: the descale ``DESC[0]``; -5: amax pass of mode 5 (atomic max
@@ -110,7 +105,7 @@ def _rows_kernel(
     if MODE == 0:
         y = x
     elif MODE == 1:
-        d = _descale(tl.max(tl.abs(x), axis=1), RECIPROCAL)
+        d = _descale(tl.max(tl.abs(x), axis=1))
         tl.store(DESC + rows, d, mask=row_in)
         y = tl.math.div_rn(x, tl.broadcast_to(d[:, None], (BLOCK_R, BLOCK_D)))
     else:
@@ -124,7 +119,7 @@ def _seq_kernel(
     X, OUT, DESC, TOK_DESC, BLOCK_OFFSETS, AMAX, seq_offsets,
     H, stride_xt, stride_xh, D,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
-    RECIPROCAL: tl.constexpr, SATURATE: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     """One program per (sequence-aligned block of ``BLOCK_T`` tokens, sequence ``b``, head).
 
@@ -158,14 +153,14 @@ def _seq_kernel(
             tl.atomic_max(AMAX + b, amax, sem="relaxed")
         return
     if MODE == 6:
-        d_col = _descale(tl.max(tl.abs(x), axis=0), RECIPROCAL)
+        d_col = _descale(tl.max(tl.abs(x), axis=0))
         row = tl.load(BLOCK_OFFSETS + b) + blk
         tl.store(DESC + (row * H + h) * D + offs_d, d_col, mask=d_in)
         d_full = tl.broadcast_to(d_col[None, :], (BLOCK_T, BLOCK_D))
         tl.store(TOK_DESC + (tokens[:, None] * H + h) * D + offs_d[None, :], d_full, mask=io_mask)
     else:
         if MODE == 2:
-            d = _descale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), RECIPROCAL)
+            d = _descale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
             row = tl.load(BLOCK_OFFSETS + b) + blk
             tl.store(DESC + row * H + h, d)
         elif MODE == 3:
@@ -278,7 +273,6 @@ def triton_quantize_for_mode(
     values = torch.empty((total, heads, dim), dtype=FP8_DTYPE, device=device)
     out = values.view(torch.uint8)
     block_d = triton.next_power_of_2(dim)
-    reciprocal = device.type == "cuda"
     rows = total * heads
     rows_grid = (triton.cdiv(rows, _ROWS),)
     fp32 = dict(dtype=torch.float32, device=device)
@@ -290,7 +284,7 @@ def triton_quantize_for_mode(
         _seq_kernel[grid](
             x, out, desc, tok_desc, block_offsets, amax, seq_offsets,
             heads, x.stride(0), x.stride(1), dim,
-            BLOCK_D=block_d, BLOCK_T=tile, MODE=kind, RECIPROCAL=reciprocal,
+            BLOCK_D=block_d, BLOCK_T=tile, MODE=kind,
             SATURATE=torch_cast_saturates(device),
             num_warps=_warps(tile * block_d),
         )
@@ -300,7 +294,7 @@ def triton_quantize_for_mode(
             return
         _rows_kernel[rows_grid](
             x, out, desc, desc, amax, rows, heads, x.stride(0), x.stride(1), dim,
-            BLOCK_D=block_d, BLOCK_R=_ROWS, MODE=kind, RECIPROCAL=reciprocal,
+            BLOCK_D=block_d, BLOCK_R=_ROWS, MODE=kind,
             SATURATE=torch_cast_saturates(device),
             num_warps=_warps(_ROWS * block_d),
         )

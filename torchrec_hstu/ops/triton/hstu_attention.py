@@ -690,7 +690,7 @@ def triton_hstu_attention(
         )
     check_triton_inputs(q, k, v)
     return triton_hstu_attention_fwd(
-        q, k, v, seq_offsets, num_targets, int(max_seq_len), float(alpha), options.causal,
+        q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options.causal,
         options.max_attn_len, options.contextual_seq_len, options.min_full_attn_seq_len,
-        options.sla_k1, options.sla_k2, options.resolve_scaling_seqlen(int(max_seq_len)),
+        options.sla_k1, options.sla_k2, options.resolve_scaling_seqlen(max_seq_len),
     )
