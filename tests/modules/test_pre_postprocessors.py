@@ -140,3 +140,10 @@ def test_timestamp_layer_norm():
         post(x)
     with pytest.raises(ValueError, match="same length"):
         TimestampLayerNormPostprocessor(3, [3600], [24, 7])
+
+
+def test_preprocessor_runs_in_float64():
+    # A float64 model (gradcheck, oracles) must not hit a float32 norm inside the content MLP.
+    pre = ContextualPreprocessor(8, 16, 32).double()
+    out = pre(torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 2, 5]), max_seq_len=3)
+    assert out.seq_embeddings.dtype == torch.float64

@@ -14,15 +14,15 @@ from torchrec_hstu.ops.jagged import concat_2D_jagged, jagged_token_positions, l
 
 
 class SwishLayerNorm(nn.Module):
-    """``x * sigmoid(LayerNorm(x))`` (computed in float32)."""
+    """``x * sigmoid(LayerNorm(x))``, in the norm's dtype (float32 for half-precision inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.sigmoid(self.norm(x32))).to(x.dtype)
+        wide = x.to(self.norm.weight.dtype)
+        return (wide * torch.sigmoid(self.norm(wide))).to(x.dtype)
 
 
 def contextualized_mlp(input_dim: int, hidden_dim: int, output_dim: int) -> nn.Sequential:

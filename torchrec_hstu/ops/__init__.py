@@ -1,6 +1,7 @@
 """Pure functions on jagged tensors (values + offsets): HSTU attention and its pieces."""
 
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
+from torchrec_hstu.ops.delta_attention import delta_hstu_attention, delta_hstu_mha
 from torchrec_hstu.ops.hstu_attention import hstu_attention, hstu_mha, resolve_kernel
 from torchrec_hstu.ops.hstu_compute import (
     hstu_compute_output,
@@ -21,6 +22,8 @@ __all__ = [
     "AttentionOptions",
     "HSTUKernel",
     "concat_2D_jagged",
+    "delta_hstu_attention",
+    "delta_hstu_mha",
     "dense_to_jagged",
     "hstu_attention",
     "hstu_attention_mask",
