@@ -187,8 +187,21 @@ class STULayer(nn.Module):
         Returns:
             ``[L, d]``.
         """
+        targets = num_targets if self.config.target_aware else None
+        u, attn, _, _ = self._attend(x, x_offsets, max_seq_len, targets, attention_cache)
+        return self._output(attn, u, x)
+
+    def _attend(
+        self,
+        x: torch.Tensor,
+        x_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_targets: Optional[torch.Tensor],
+        attention_cache: Optional[Dict[str, Any]],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm, u/v/q/k projection and attention: ``(u, attn, k, v)``."""
         cfg = self.config
-        u, attn, _, _ = hstu_preprocess_and_attention(
+        return hstu_preprocess_and_attention(
             x,
             self.input_norm_weight,
             self.input_norm_bias,
@@ -202,26 +215,11 @@ class STULayer(nn.Module):
             x_offsets,
             cfg.alpha,
             self.attention_options,
-            num_targets=num_targets if cfg.target_aware else None,
+            num_targets=num_targets,
             kernel=self.kernel,
             recompute_normed_x=cfg.recompute_normed_x,
             recompute_uvqk=cfg.recompute_uvqk,
             cache=attention_cache,
-        )
-        return hstu_compute_output(
-            attn,
-            u,
-            x,
-            self.output_norm_weight,
-            self.output_norm_bias,
-            STU_NORM_EPS,
-            self.output_weight,
-            cfg.num_heads,
-            cfg.hidden_dim,
-            cfg.output_dropout_ratio,
-            self.training,
-            use_group_norm=cfg.use_group_norm,
-            recompute_y=cfg.recompute_y,
         )
 
     # ---------------------------------------------------------------- KV-cached inference
@@ -249,27 +247,7 @@ class STULayer(nn.Module):
             ``(out [Lc, d], STULayerKVCache)``.
         """
         check_prefill(self.attention_options, x_offsets)
-        cfg = self.config
-        u, attn, k, v = hstu_preprocess_and_attention(
-            x,
-            self.input_norm_weight,
-            self.input_norm_bias,
-            STU_NORM_EPS,
-            cfg.num_heads,
-            cfg.attention_dim,
-            cfg.hidden_dim,
-            self.uvqk_weight,
-            self.uvqk_beta,
-            max_seq_len,
-            x_offsets,
-            cfg.alpha,
-            self.attention_options,
-            num_targets=None,
-            kernel=self.kernel,
-            recompute_normed_x=cfg.recompute_normed_x,
-            recompute_uvqk=cfg.recompute_uvqk,
-            cache=attention_cache,
-        )
+        u, attn, k, v = self._attend(x, x_offsets, max_seq_len, None, attention_cache)
         out = self._output(attn, u, x)
         kv_cache = STULayerKVCache(
             k=k.detach(),
