@@ -13,22 +13,12 @@ import sys
 from typing import Dict, List, Sequence
 
 import pytest
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_DMP = os.path.join(REPO, "examples", "train_dmp.py")
 for path in (REPO, os.path.join(REPO, "examples")):
     if path not in sys.path:
         sys.path.insert(0, path)
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny ops: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class LaunchResult:

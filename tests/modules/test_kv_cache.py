@@ -28,14 +28,6 @@ from torchrec_hstu.ops.hstu_compute import hstu_compute_output, hstu_compute_uqv
 from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------- helpers
 def offsets_of(lengths: List[int]) -> torch.Tensor:
     return lengths_to_offsets(torch.tensor(lengths, dtype=torch.int64))

@@ -10,7 +10,7 @@ a dense loop written here). Any plumbing mistake changes the result and fails th
 
 import sys
 import types
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 import torch
@@ -23,15 +23,6 @@ from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 from torchrec_hstu.ops.hstu_attention import hstu_attention
 from torchrec_hstu.ops.masks import sla_attention_mask
 from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def decode_func_mask(func: torch.Tensor, n: int, start: int) -> torch.Tensor:

@@ -34,14 +34,6 @@ from torchrec_hstu.ops.pytorch.delta_attention import fp8_delta_hstu_attention_e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------- helpers
 def offsets_of(lengths: List[int]) -> torch.Tensor:
     return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0)

@@ -32,15 +32,6 @@ MODE0_BOUNDS = {
 BF16_BOUND = 0.005  # rel_rms and max_rel of the plain bf16 path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def draw(total: int, heads: int, dim: int, scale: str, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(total, heads, dim, generator=gen)
     if scale == "token":

@@ -19,15 +19,6 @@ CUDA = torch.device("cuda", 0)
 SM = {"SM80": (8, 0), "SM86": (8, 6), "SM89": (8, 9), "SM90": (9, 0), "SM100": (10, 0), "SM120": (12, 0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def capability(monkeypatch):
     def set_capability(cap):

@@ -6,7 +6,6 @@ done in float64 (exact) and rounded once, silu in float64, as the definition say
 differ is the float32 order of accumulating tiles, hence the tight tolerances.
 """
 
-import math
 from typing import List, Optional, Tuple
 
 import pytest
@@ -18,15 +17,6 @@ from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
 from torchrec_hstu.ops.hstu_attention import hstu_attention
 from torchrec_hstu.ops.masks import hstu_attention_mask, sla_attention_mask
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 E4M3 = torch.float8_e4m3fn

@@ -14,15 +14,6 @@ from torchrec_hstu.ops.fp8.export_op import call_hstu_fp8_fwd, hstu_fp8_fwd
 OP = torch.ops.torchrec_hstu.hstu_fp8_fwd.default
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def jagged(lengths, dim, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(sum(lengths), dim, generator=gen), torch.tensor([0] + lengths).cumsum(0)

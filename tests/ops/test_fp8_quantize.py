@@ -4,8 +4,7 @@ Groups are enumerated here with plain Python loops over sequences, heads, blocks
 (the oracle), independent of the scatter-based quantizers under test.
 """
 
-import math
-from typing import Callable, Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -23,15 +22,6 @@ from torchrec_hstu.ops.fp8.quantize import (
 
 # descale = max(amax * fl32(1/448), 1e-6), the definition (see descale_from_amax).
 RECIPROCAL_448 = torch.tensor(1.0 / 448.0, dtype=torch.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: intra-op threads only add barrier waits (badly so on a shared CPU).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 BLOCK = 4  # mode 2 block and mode 1 column chunk used here: several blocks per short sequence
