@@ -267,3 +267,17 @@ def test_gpu_layer_matches_cpu():
         results.append([out.detach().cpu(), xd.grad.cpu()] + [p.grad.cpu() for p in layer_d.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_min_full_attn_seq_len_reaches_attention():
+    torch.manual_seed(0)
+    kwargs = dict(embedding_dim=8, num_heads=1, hidden_dim=4, attention_dim=4, output_dropout_ratio=0.0, max_attn_len=1)
+    windowed = STULayer(**kwargs)
+    tail_full = STULayer(**kwargs, min_full_attn_seq_len=2)
+    tail_full.load_state_dict(windowed.state_dict())
+    assert tail_full.attention_options.min_full_attn_seq_len == 2
+    x, offsets = torch.randn(6, 8), torch.tensor([0, 6])
+    a, b = windowed(x, offsets, 6), tail_full(x, offsets, 6)
+    # Rows before the tail see only the window either way; the last two rows see everything.
+    torch.testing.assert_close(a[:4], b[:4])
+    assert not torch.allclose(a[4:], b[4:])

@@ -52,6 +52,8 @@ class STULayerConfig:
     0 -> no window; ``attn_alpha`` None or 0 -> ``1/sqrt(attention_dim)``; ``contextual_seq_len``
     -1 -> 0 for a standalone layer (the transducer substitutes its preprocessor's prefix);
     ``scaling_seqlen`` -1 -> the batch ``max_seq_len``; ``fp8_quant_mode`` -1 -> off.
+    ``min_full_attn_seq_len`` (generative-recommenders' option; not a proto field): with a window,
+    the last this-many history ids attend to the full history.
     """
 
     embedding_dim: int
@@ -71,6 +73,7 @@ class STULayerConfig:
     contextual_seq_len: int = 0
     sla_k1: int = 0
     sla_k2: int = 0
+    min_full_attn_seq_len: int = 0
     scaling_seqlen: int = -1
     fp8_quant_mode: int = -1
 
@@ -95,6 +98,7 @@ class STULayerConfig:
             contextual_seq_len=max(self.contextual_seq_len, 0),
             sla_k1=self.sla_k1,
             sla_k2=self.sla_k2,
+            min_full_attn_seq_len=self.min_full_attn_seq_len,
             scaling_seqlen=self.scaling_seqlen,
             fp8_quant_mode=self.fp8_quant_mode,
         )
