@@ -24,6 +24,7 @@ from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from torchrec_hstu.models.retrieval import example_stu_kwargs
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
 from torchrec_hstu.modules.multi_channel import MultiChannelHSTU
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
@@ -78,18 +79,8 @@ def default_ranking_transducer(
         action_embedding_dim=action_embedding_dim,
         action_weights=list(action_weights),
     )
-    stu = dict(
-        embedding_dim=embedding_dim,
-        num_heads=num_heads,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        output_dropout_ratio=output_dropout_ratio,
-        causal=True,
-        target_aware=True,
-        scaling_seqlen=max_seq_len,
-        recompute_normed_x=False,
-        recompute_uvqk=False,
-        recompute_y=False,
+    stu = example_stu_kwargs(
+        embedding_dim, num_heads, hidden_dim, attention_dim, output_dropout_ratio, max_seq_len
     )
     encoder = HSTUPositionalEncoder(
         num_position_buckets=max_seq_len + 1,

@@ -20,7 +20,7 @@ Design for later export and sharding:
   on a GPU machine without fbgemm CUDA ops the lookup runs on CPU and the HSTU part on CUDA.
 """
 
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,33 @@ from torchrec_hstu.ops.jagged import jagged_token_positions, lengths_to_offsets
 
 #: Negative sampling strategies of :func:`sample_negatives`.
 NEGATIVE_STRATEGIES = ("uniform", "in_batch", "mixed")
+
+
+def example_stu_kwargs(
+    embedding_dim: int,
+    num_heads: int,
+    hidden_dim: int,
+    attention_dim: int,
+    output_dropout_ratio: float,
+    max_seq_len: int,
+) -> Dict[str, object]:
+    """STULayer kwargs shared by the example models: causal, target-aware,
+    ``scaling_seqlen = max_seq_len`` (a user's output does not depend on the rest of the batch),
+    no activation recompute (it trades compute for memory; on CPU-sized models compute is the
+    bottleneck)."""
+    return dict(
+        embedding_dim=embedding_dim,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        attention_dim=attention_dim,
+        output_dropout_ratio=output_dropout_ratio,
+        causal=True,
+        target_aware=True,
+        scaling_seqlen=max_seq_len,
+        recompute_normed_x=False,
+        recompute_uvqk=False,
+        recompute_y=False,
+    )
 
 
 def default_retrieval_transducer(
@@ -72,19 +99,8 @@ def default_retrieval_transducer(
     Returns:
         :class:`HSTUTransducer` with ``return_full_embeddings=True``.
     """
-    stu = dict(
-        embedding_dim=embedding_dim,
-        num_heads=num_heads,
-        hidden_dim=hidden_dim,
-        attention_dim=attention_dim,
-        output_dropout_ratio=output_dropout_ratio,
-        causal=True,
-        target_aware=True,
-        scaling_seqlen=max_seq_len,
-        # Recompute trades compute for memory; on CPU-sized models compute is the bottleneck.
-        recompute_normed_x=False,
-        recompute_uvqk=False,
-        recompute_y=False,
+    stu = example_stu_kwargs(
+        embedding_dim, num_heads, hidden_dim, attention_dim, output_dropout_ratio, max_seq_len
     )
     encoder = HSTUPositionalEncoder(
         num_position_buckets=max_seq_len + 1,
