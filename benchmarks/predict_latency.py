@@ -118,6 +118,15 @@ def eager_call(model: torch.nn.Module, signature: Any, inputs: Sequence[torch.Te
     return model(item_ids, lengths, timestamps, int(lengths.max()))
 
 
+def fbgemm_has_cuda_kernels() -> bool:
+    """Whether the installed fbgemm_gpu registers CUDA kernels (the CPU build does not)."""
+    try:
+        import fbgemm_gpu  # noqa: F401 - registers torch.ops.fbgemm
+    except ImportError:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fbgemm::asynchronous_complete_cumsum", "CUDA")
+
+
 def percentile(values: List[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, int(round(q / 100.0 * (len(ordered) - 1)))))
@@ -191,14 +200,11 @@ def main(argv: Sequence[str] = None) -> int:
             torch.cuda.synchronize(device)
 
     eager_model, placement = on_device, "all on device"
-    probe = check_batch(signature, make_batch(signature, 1, 4, 1, seed=0))
-    if device.type == "cuda":
-        try:
-            with torch.inference_mode(), autocast_context(device.type, autocast_dtype):
-                eager_call(on_device, signature, [x.to(device) for x in probe])
-        except Exception as err:  # noqa: BLE001 - recorded, then the CPU-table placement is used
-            print(f"eager with the table on CUDA failed ({type(err).__name__}: {err}); table on CPU", flush=True)
-            eager_model, placement = copy.deepcopy(model).place(device).eval(), "item table on CPU"
+    if device.type == "cuda" and not fbgemm_has_cuda_kernels():
+        # Calling a CPU-only fbgemm build's ops on CUDA tensors can crash the process (not
+        # raise), so the table placement is decided up front.
+        print("fbgemm has no CUDA kernels here: eager runs with the item table on CPU", flush=True)
+        eager_model, placement = copy.deepcopy(model).place(device).eval(), "item table on CPU"
 
     load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     rows = []

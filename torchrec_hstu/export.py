@@ -71,6 +71,7 @@ __all__ = [
     "autocast_context",
     "build_model_from_config",
     "compile_package",
+    "default_inductor_configs",
     "export_model",
     "export_program",
     "example_inputs",
@@ -617,6 +618,21 @@ def export_program(
     return program, signature
 
 
+def default_inductor_configs(device_type: str) -> Dict[str, Any]:
+    """The ``torch._inductor.config`` settings :func:`compile_package` starts from.
+
+    On CUDA, compile-time autotuning is turned off: inductor would otherwise benchmark each
+    generated Triton kernel on synthetic tensors, and a kernel that gathers through a computed
+    index (the embedding lookup, the jagged gathers from ``seq_offsets``) then reads a random
+    index, trips its ``tl.device_assert`` bounds check and poisons the CUDA context
+    (pytorch/pytorch#192143; seen here on an H100 with torch 2.11). With it off, AOTInductor
+    autotunes by running the compiled graph once on the program's real example inputs.
+    """
+    if device_type == "cuda":
+        return {"triton.autotune_at_compile_time": False}
+    return {}
+
+
 def compile_package(
     program: "torch.export.ExportedProgram",
     signature: ModelSignature,
@@ -630,7 +646,8 @@ def compile_package(
         signature: from :func:`export_program` (its ``compile_seconds`` is filled in).
         out: package path ending in ``.pt2``.
         inductor_configs: extra ``torch._inductor.config`` settings for the compile, e.g.
-            ``{"aot_inductor.debug_compile": True}`` (C++ at -O0: faster to build, slower to run).
+            ``{"aot_inductor.debug_compile": True}`` (C++ at -O0: faster to build, slower to run);
+            they override :func:`default_inductor_configs` for the signature's device.
 
     Returns:
         ``(package path, signature path)``.
@@ -642,7 +659,9 @@ def compile_package(
     start = time.perf_counter()
     with _size_oblivious():
         path = torch._inductor.aoti_compile_and_package(
-            program, package_path=out, inductor_configs=dict(inductor_configs or {})
+            program,
+            package_path=out,
+            inductor_configs={**default_inductor_configs(signature.device), **(inductor_configs or {})},
         )
     signature.compile_seconds = round(time.perf_counter() - start, 3)
     signature_path = signature_path_for(path)

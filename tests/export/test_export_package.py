@@ -206,3 +206,10 @@ def test_export_cli_refuses_bad_arguments(tmp_path, capsys):
     assert "the checkpoint does not match the config" in capsys.readouterr().err
     assert export.main(["--config", str(tmp_path / "none.pbtxt"), "--checkpoint", "x", "--out", "m.pt2"]) == 2
     assert "config not found" in capsys.readouterr().err
+
+
+def test_compile_time_autotuning_is_off_for_cuda_packages_only():
+    # On CUDA, compile-time autotuning feeds synthetic indices to gathering kernels and trips
+    # their bounds asserts (seen on the H100); CPU packages keep inductor's defaults.
+    assert export.default_inductor_configs("cuda") == {"triton.autotune_at_compile_time": False}
+    assert export.default_inductor_configs("cpu") == {}

@@ -51,6 +51,21 @@ def test_token_batch_ids_and_positions(lengths):
     assert jagged_token_batch_ids(offsets, sum(lengths)).tolist() == expected_ids
 
 
+@pytest.mark.gpu
+def test_token_batch_ids_compiled_on_cuda():
+    # Inductor's CUDA searchsorted once read ``offsets[1:]`` as ``offsets[:-1]`` (torch 2.11),
+    # giving the last sequence's tokens the batch index B: compiled must equal eager.
+    def batch_ids_of(lengths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return jagged_token_batch_ids(lengths_to_offsets(lengths), values.shape[0])
+
+    compiled = torch.compile(batch_ids_of, dynamic=True, fullgraph=True)
+    for lengths in ([1, 2, 1], [3, 0, 5, 2], [0, 4], [2, 0], [7]):
+        lengths_t = torch.tensor(lengths, device="cuda")
+        values = torch.zeros(sum(lengths), 4, device="cuda")
+        want = [b for b, n in enumerate(lengths) for _ in range(n)]
+        assert compiled(lengths_t, values).tolist() == want
+
+
 @given(lengths=lengths_lists, extra=st.integers(0, 2), pad=st.sampled_from([0.0, -7.5]))
 def test_jagged_padded_round_trip(lengths, extra, pad):
     offsets = offsets_of(lengths)

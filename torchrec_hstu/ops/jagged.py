@@ -32,7 +32,12 @@ def jagged_token_batch_ids(offsets: torch.Tensor, total_len: int) -> torch.Tenso
     traceable; ``repeat_interleave`` would need the lengths on the host.
     """
     tokens = torch.arange(total_len, device=offsets.device, dtype=offsets.dtype)
-    return torch.searchsorted(offsets[1:].contiguous(), tokens, right=True)
+    # Searching the whole ``offsets`` (offsets[0] == 0 <= every token) and subtracting one,
+    # rather than searching the view ``offsets[1:]``: inductor's CUDA lowering of searchsorted
+    # on torch 2.11 drops the view's storage offset, so compiled and AOTInductor programs read
+    # ``offsets[:-1]`` and hand the last sequence's tokens the batch index B (seen on an H100 as
+    # a device-side "index out of bounds" assert; tests/ops/test_jagged.py).
+    return torch.searchsorted(offsets, tokens, right=True) - 1
 
 
 def jagged_token_positions(

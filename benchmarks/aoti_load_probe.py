@@ -1,0 +1,244 @@
+"""Which AOTInductor packages compile, load and run on a device: a bisection of load crashes.
+
+On the H100 (torch 2.11.0+cu130, 2026-11-25) the CUDA package of the two-channel ranking model
+compiled but ``aoti_load_package`` died with a segmentation fault inside the C++ loader, and a
+crash takes the Python process (and any pytest worker) with it. This script therefore builds
+each case in its own subprocess, from the smallest program to the whole model, and records the
+last stage each one reached (``exported``, ``compiled``, ``loaded``, ``ran``) with the exit
+status (``-11``: SIGSEGV), so one device call says which ingredient the loader cannot take:
+
+==================  ======================================================================
+case                program
+==================  ======================================================================
+linear              ``nn.Linear`` on a dynamic batch (does AOTI load at all here?)
+triton_op           ``hstu_attention(kernel=TRITON)``: our Python custom op, bf16 (CUDA)
+fp8_op              ``hstu_attention(fp8_quant_mode=2)``: the opaque FP8 op
+ranking_pytorch     the two-channel ranking model, PYTORCH kernel (no custom op)
+ranking_triton      the same model, TRITON kernel (CUDA)
+ranking_triton_fp8  the same model, TRITON kernel, FP8 mode 2 (CUDA)
+==================  ======================================================================
+
+On CUDA the models run under bfloat16 autocast (float32 CUDA export hit an inductor codegen
+error, ``NameError: name 's80' is not defined``, on torch 2.11). A case that crashes while
+loading is re-run, load only, under ``gdb`` when the machine has it, for a native backtrace.
+
+Usage (device; repo root, ``.whl`` installed as in ``benchmarks/run_device_suite.sh``)::
+
+    python3 benchmarks/aoti_load_probe.py --device cuda --out-dir "$OUT"
+    .venv/bin/python benchmarks/aoti_load_probe.py --device cpu --cases linear fp8_op   # here
+"""
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CASES = ["linear", "triton_op", "fp8_op", "ranking_pytorch", "ranking_triton", "ranking_triton_fp8"]
+CUDA_ONLY = {"triton_op", "ranking_triton", "ranking_triton_fp8"}
+RANKING_CONFIG = os.path.join(REPO, "examples", "configs", "ranking_two_channel.pbtxt")
+STAGES = ("started", "exported", "compiled", "loaded", "ran")
+
+
+def stage(name: str, detail: str = "") -> None:
+    """One progress line the parent reads back (flushed: a crash may follow)."""
+    print(f"STAGE {name} {detail}".rstrip(), flush=True)
+
+
+# -- the cases (run in the child) -------------------------------------------------------------
+
+
+def _attention_case(device: str, fp8_quant_mode: int, kernel: str) -> Tuple[Any, Tuple[Any, ...], Any]:
+    import torch
+
+    from torchrec_hstu.ops import AttentionOptions, hstu_attention
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            max_seq_len = lengths.max().item()
+            torch._check(max_seq_len >= 1)
+            torch._check(max_seq_len <= 512)
+            options = AttentionOptions(fp8_quant_mode=fp8_quant_mode, max_attn_len=0)
+            return hstu_attention(q, k, v, offsets, max_seq_len, 1.0 / 8, options, kernel=kernel)
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([70, 1, 33])
+    total = int(lengths.sum())
+    q, k, v = (torch.randn(total, 2, 64, generator=generator).to(device, dtype) for _ in range(3))
+    args = (q, k, v, lengths.to(device))
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    dynamic = ({0: tokens}, {0: tokens}, {0: tokens}, {0: batch})
+    return Attention().eval(), args, dynamic
+
+
+def run_case(case: str, device: str, workdir: str, load_only: bool) -> None:
+    """Export, compile, load and run ``case``; prints a STAGE line after each step."""
+    import torch
+
+    from torchrec_hstu.export import (
+        autocast_context,
+        build_model_from_config,
+        compile_package,
+        default_inductor_configs,
+        example_inputs,
+        export_program,
+    )
+
+    stage("started", f"torch {torch.__version__}")
+    package = os.path.join(workdir, f"{case}.pt2")
+    autocast_dtype = torch.bfloat16 if device == "cuda" else None
+    if case.startswith("ranking"):
+        from torchrec_hstu.config import load_config
+
+        kernel = "PYTORCH" if case == "ranking_pytorch" else "TRITON"
+        fp8_quant_mode = 2 if case.endswith("fp8") else -1
+        torch.manual_seed(0)
+        model = build_model_from_config(
+            load_config(RANKING_CONFIG), num_items=1000, kernel=kernel, fp8_quant_mode=fp8_quant_mode
+        ).eval()
+        inputs = list(example_inputs(model.to(device), max_seq_len=256, batch_size=3, seed=1).values())
+        # The machine's fbgemm has no CUDA kernels: the eager oracle keeps its table on CPU.
+        eager = copy.deepcopy(model).to("cpu").place(device).eval()
+
+        def oracle() -> Any:
+            with torch.inference_mode(), autocast_context(device, autocast_dtype):
+                return eager(*inputs)
+
+        if not load_only:
+            program, signature = export_program(model, 8, 256, None, autocast_dtype)
+            stage("exported")
+            compile_package(program, signature, package)
+            stage("compiled")
+    else:
+        if case == "linear":
+            model = torch.nn.Linear(16, 4).to(device).eval()
+            inputs = [torch.randn(5, 16, device=device)]
+            dynamic: Any = ({0: torch.export.Dim("batch", min=1, max=64)},)
+        else:
+            model, args, dynamic = _attention_case(device, 2 if case == "fp8_op" else -1,
+                                                   "TRITON" if case == "triton_op" else "AUTO")
+            inputs = list(args)
+
+        def oracle() -> Any:
+            with torch.inference_mode():
+                return model(*inputs)
+
+        if not load_only:
+            program = torch.export.export(model, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+            stage("exported")
+            configs = default_inductor_configs(device)
+            start = time.perf_counter()
+            torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
+            stage("compiled", f"{time.perf_counter() - start:.1f}s")
+    runner = torch._inductor.aoti_load_package(package)
+    stage("loaded")
+    if load_only:
+        return
+    with torch.inference_mode():
+        got = runner(*inputs)
+    want = oracle()
+    diff = (got.float().cpu() - want.float().cpu()).abs().max().item()
+    stage("ran", f"max|package - eager| {diff:.2e}")
+
+
+# -- the parent ---------------------------------------------------------------------------------
+
+
+def _last_stage(output: str) -> Tuple[str, str]:
+    last, detail = "none", ""
+    for line in output.splitlines():
+        if line.startswith("STAGE "):
+            parts = line.split(" ", 2)
+            last, detail = parts[1], parts[2] if len(parts) > 2 else ""
+    return last, detail
+
+
+def _child(case: str, device: str, workdir: str, timeout_s: float, load_only: bool = False) -> Dict[str, Any]:
+    command = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--run-case", case,
+               "--device", device, "--workdir", workdir] + (["--load-only"] if load_only else [])
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+        returncode, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        returncode = None
+        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+    last, detail = _last_stage(output)
+    return {"case": case, "returncode": returncode, "last_stage": last, "detail": detail,
+            "seconds": round(time.perf_counter() - start, 1), "output": output}
+
+
+def _gdb_backtrace(case: str, device: str, workdir: str) -> Optional[str]:
+    if shutil.which("gdb") is None:
+        return None
+    command = ["gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, os.path.abspath(__file__),
+               "--run-case", case, "--device", device, "--workdir", workdir, "--load-only"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return "gdb timed out"
+    lines = done.stdout.splitlines()
+    first = next((i for i, line in enumerate(lines) if "SIGSEGV" in line or "signal" in line.lower()), 0)
+    return "\n".join(lines[first:first + 60])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    parser.add_argument("--cases", nargs="+", default=None, choices=CASES)
+    parser.add_argument("--parallel", type=int, default=3, help="cases compiled at once")
+    parser.add_argument("--timeout-s", type=float, default=400.0, help="per case")
+    parser.add_argument("--out-dir", default=None, help="write aoti-load-probe.{json,md} and the case logs here")
+    parser.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_case:
+        run_case(args.run_case, args.device, args.workdir, args.load_only)
+        return 0
+
+    cases = args.cases or [c for c in CASES if args.device == "cuda" or c not in CUDA_ONLY]
+    workdir = tempfile.mkdtemp(prefix="aoti_probe_")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        results = list(pool.map(lambda c: _child(c, args.device, workdir, args.timeout_s), cases))
+    for result in results:
+        if result["last_stage"] == "compiled" and result["returncode"] not in (0, None):
+            result["gdb_backtrace"] = _gdb_backtrace(result["case"], args.device, workdir)
+        status = "ok" if result["returncode"] == 0 else f"rc={result['returncode']}"
+        print(f"{result['case']:20s} {status:8s} last stage: {result['last_stage']:9s} {result['detail']} "
+              f"({result['seconds']} s)", flush=True)
+        if result.get("gdb_backtrace"):
+            print(result["gdb_backtrace"])
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        import torch
+
+        device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        for result in results:
+            with open(os.path.join(args.out_dir, f"aoti-probe-{result['case']}.log"), "w") as handle:
+                handle.write(result.pop("output"))
+        payload = {"date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
+                   "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + list(argv or sys.argv[1:])),
+                   "results": results}
+        with open(os.path.join(args.out_dir, "aoti-load-probe.json"), "w") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+    return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
