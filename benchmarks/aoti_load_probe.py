@@ -3,9 +3,12 @@
 On the H100 (torch 2.11.0+cu130, 2026-11-25) the CUDA package of the two-channel ranking model
 compiled but ``aoti_load_package`` died with a segmentation fault inside the C++ loader, and a
 crash takes the Python process (and any pytest worker) with it. This script therefore builds
-each case in its own subprocess, from the smallest program to the whole model, and records the
-last stage each one reached (``exported``, ``compiled``, ``loaded``, ``ran``) with the exit
-status (``-11``: SIGSEGV), so one device call says which ingredient the loader cannot take:
+each case in its own subprocess, from the smallest program to the whole model: one process
+exports, compiles, saves the inputs and the eager output, and loads the package itself (as the
+GPU test does, with torchrec and the CPU-only fbgemm build imported for the ranking models); a
+second, fresh process loads it with only torch and our op modules imported (as ``predict`` does)
+and compares with the saved eager output. Each step reports the last stage it reached and its
+exit status (``-11``: SIGSEGV), so one device call says which ingredient the loader cannot take:
 
 ==================  ======================================================================
 case                program
@@ -19,8 +22,8 @@ ranking_triton_fp8  the same model, TRITON kernel, FP8 mode 2 (CUDA)
 ==================  ======================================================================
 
 On CUDA the models run under bfloat16 autocast (float32 CUDA export hit an inductor codegen
-error, ``NameError: name 's80' is not defined``, on torch 2.11). A case that crashes while
-loading is re-run, load only, under ``gdb`` when the machine has it, for a native backtrace.
+error, ``NameError: name 's80' is not defined``, on torch 2.11). A case whose fresh-process
+load crashes is loaded again under ``gdb`` when the machine has it, for a native backtrace.
 
 Usage (device; repo root, ``.whl`` installed as in ``benchmarks/run_device_suite.sh``)::
 
@@ -83,8 +86,12 @@ def _attention_case(device: str, fp8_quant_mode: int, kernel: str) -> Tuple[Any,
     return Attention().eval(), args, dynamic
 
 
-def run_case(case: str, device: str, workdir: str, load_only: bool) -> None:
-    """Export, compile, load and run ``case``; prints a STAGE line after each step."""
+def compile_case(case: str, device: str, workdir: str) -> None:
+    """Export and compile ``case``, save its inputs and eager output, then load it here too.
+
+    Prints a STAGE line after each step; the in-process load comes last, after everything the
+    fresh-process load needs is on disk.
+    """
     import torch
 
     from torchrec_hstu.export import (
@@ -98,10 +105,10 @@ def run_case(case: str, device: str, workdir: str, load_only: bool) -> None:
 
     stage("started", f"torch {torch.__version__}")
     package = os.path.join(workdir, f"{case}.pt2")
-    autocast_dtype = torch.bfloat16 if device == "cuda" else None
     if case.startswith("ranking"):
         from torchrec_hstu.config import load_config
 
+        autocast_dtype = torch.bfloat16 if device == "cuda" else None
         kernel = "PYTORCH" if case == "ranking_pytorch" else "TRITON"
         fp8_quant_mode = 2 if case.endswith("fp8") else -1
         torch.manual_seed(0)
@@ -111,16 +118,11 @@ def run_case(case: str, device: str, workdir: str, load_only: bool) -> None:
         inputs = list(example_inputs(model.to(device), max_seq_len=256, batch_size=3, seed=1).values())
         # The machine's fbgemm has no CUDA kernels: the eager oracle keeps its table on CPU.
         eager = copy.deepcopy(model).to("cpu").place(device).eval()
-
-        def oracle() -> Any:
-            with torch.inference_mode(), autocast_context(device, autocast_dtype):
-                return eager(*inputs)
-
-        if not load_only:
-            program, signature = export_program(model, 8, 256, None, autocast_dtype)
-            stage("exported")
-            compile_package(program, signature, package)
-            stage("compiled")
+        with torch.inference_mode(), autocast_context(device, autocast_dtype):
+            want = eager(*inputs)
+        program, signature = export_program(model, 8, 256, None, autocast_dtype)
+        stage("exported")
+        compile_package(program, signature, package)
     else:
         if case == "linear":
             model = torch.nn.Linear(16, 4).to(device).eval()
@@ -130,26 +132,37 @@ def run_case(case: str, device: str, workdir: str, load_only: bool) -> None:
             model, args, dynamic = _attention_case(device, 2 if case == "fp8_op" else -1,
                                                    "TRITON" if case == "triton_op" else "AUTO")
             inputs = list(args)
+        with torch.inference_mode():
+            want = model(*inputs)
+        program = torch.export.export(model, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+        stage("exported")
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=package, inductor_configs=default_inductor_configs(device)
+        )
+    torch.save({"inputs": [x.cpu() for x in inputs], "want": want.cpu()}, package + ".io.pt")
+    stage("compiled")
+    loaded_modules = sorted(m for m in ("torchrec", "fbgemm_gpu") if m in sys.modules)
+    torch._inductor.aoti_load_package(package)
+    stage("loaded_same_process", f"with {loaded_modules or 'no torchrec/fbgemm'} imported")
 
-        def oracle() -> Any:
-            with torch.inference_mode():
-                return model(*inputs)
 
-        if not load_only:
-            program = torch.export.export(model, tuple(inputs), dynamic_shapes=dynamic, strict=False)
-            stage("exported")
-            configs = default_inductor_configs(device)
-            start = time.perf_counter()
-            torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
-            stage("compiled", f"{time.perf_counter() - start:.1f}s")
+def load_case(case: str, device: str, workdir: str) -> None:
+    """Load ``case``'s package in this fresh process (torch + our op modules only) and run it."""
+    import torch
+
+    import torchrec_hstu.ops  # noqa: F401 - registers the FP8 export op
+    if device == "cuda":
+        import torchrec_hstu.ops.triton.hstu_attention  # noqa: F401 - registers the Triton op
+
+    package = os.path.join(workdir, f"{case}.pt2")
+    saved = torch.load(package + ".io.pt", weights_only=True)
+    loaded_modules = sorted(m for m in ("torchrec", "fbgemm_gpu") if m in sys.modules)
+    stage("fresh_started", f"with {loaded_modules or 'no torchrec/fbgemm'} imported")
     runner = torch._inductor.aoti_load_package(package)
     stage("loaded")
-    if load_only:
-        return
     with torch.inference_mode():
-        got = runner(*inputs)
-    want = oracle()
-    diff = (got.float().cpu() - want.float().cpu()).abs().max().item()
+        got = runner(*[x.to(device) for x in saved["inputs"]])
+    diff = (got.float().cpu() - saved["want"].float()).abs().max().item()
     stage("ran", f"max|package - eager| {diff:.2e}")
 
 
@@ -165,33 +178,51 @@ def _last_stage(output: str) -> Tuple[str, str]:
     return last, detail
 
 
-def _child(case: str, device: str, workdir: str, timeout_s: float, load_only: bool = False) -> Dict[str, Any]:
-    command = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--run-case", case,
-               "--device", device, "--workdir", workdir] + (["--load-only"] if load_only else [])
+def _child(step: str, case: str, device: str, workdir: str, timeout_s: float) -> Dict[str, Any]:
+    command = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__), f"--{step}", case,
+               "--device", device, "--workdir", workdir]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
         returncode, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:
         returncode = None
-        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
     last, detail = _last_stage(output)
-    return {"case": case, "returncode": returncode, "last_stage": last, "detail": detail,
+    return {"returncode": returncode, "last_stage": last, "detail": detail,
             "seconds": round(time.perf_counter() - start, 1), "output": output}
 
 
 def _gdb_backtrace(case: str, device: str, workdir: str) -> Optional[str]:
+    """A native backtrace of the fresh-process load, where the machine has gdb."""
     if shutil.which("gdb") is None:
         return None
     command = ["gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, os.path.abspath(__file__),
-               "--run-case", case, "--device", device, "--workdir", workdir, "--load-only"]
+               "--load-case", case, "--device", device, "--workdir", workdir]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
     except subprocess.TimeoutExpired:
         return "gdb timed out"
     lines = done.stdout.splitlines()
-    first = next((i for i, line in enumerate(lines) if "SIGSEGV" in line or "signal" in line.lower()), 0)
+    first = next((i for i, line in enumerate(lines) if "SIGSEGV" in line), max(0, len(lines) - 60))
     return "\n".join(lines[first:first + 60])
+
+
+def probe(case: str, device: str, workdir: str, timeout_s: float) -> Dict[str, Any]:
+    """Compile (and load in the same process), then load and run in a fresh process."""
+    result: Dict[str, Any] = {"case": case, "compile": _child("compile-case", case, device, workdir, timeout_s)}
+    if result["compile"]["last_stage"] in ("compiled", "loaded_same_process"):
+        result["fresh_load"] = _child("load-case", case, device, workdir, timeout_s)
+        if result["fresh_load"]["returncode"] not in (0, None) and result["fresh_load"]["last_stage"] == "fresh_started":
+            result["gdb_backtrace"] = _gdb_backtrace(case, device, workdir)
+    return result
+
+
+def _summary(step: Optional[Dict[str, Any]]) -> str:
+    if step is None:
+        return "not run"
+    status = "ok" if step["returncode"] == 0 else f"rc={step['returncode']}"
+    return f"{status}, last stage {step['last_stage']} {step['detail']} ({step['seconds']} s)".replace("  ", " ")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -199,14 +230,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     parser.add_argument("--cases", nargs="+", default=None, choices=CASES)
     parser.add_argument("--parallel", type=int, default=3, help="cases compiled at once")
-    parser.add_argument("--timeout-s", type=float, default=400.0, help="per case")
-    parser.add_argument("--out-dir", default=None, help="write aoti-load-probe.{json,md} and the case logs here")
-    parser.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout-s", type=float, default=400.0, help="per step of a case")
+    parser.add_argument("--out-dir", default=None, help="write aoti-load-probe.json and the step logs here")
+    parser.add_argument("--compile-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--load-case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.run_case:
-        run_case(args.run_case, args.device, args.workdir, args.load_only)
+    if args.compile_case:
+        compile_case(args.compile_case, args.device, args.workdir)
+        return 0
+    if args.load_case:
+        load_case(args.load_case, args.device, args.workdir)
         return 0
 
     cases = args.cases or [c for c in CASES if args.device == "cuda" or c not in CUDA_ONLY]
@@ -214,30 +248,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        results = list(pool.map(lambda c: _child(c, args.device, workdir, args.timeout_s), cases))
+        results = list(pool.map(lambda c: probe(c, args.device, workdir, args.timeout_s), cases))
     for result in results:
-        if result["last_stage"] == "compiled" and result["returncode"] not in (0, None):
-            result["gdb_backtrace"] = _gdb_backtrace(result["case"], args.device, workdir)
-        status = "ok" if result["returncode"] == 0 else f"rc={result['returncode']}"
-        print(f"{result['case']:20s} {status:8s} last stage: {result['last_stage']:9s} {result['detail']} "
-              f"({result['seconds']} s)", flush=True)
+        print(f"{result['case']:20s} compile: {_summary(result['compile'])}", flush=True)
+        print(f"{'':20s} fresh load: {_summary(result.get('fresh_load'))}", flush=True)
         if result.get("gdb_backtrace"):
             print(result["gdb_backtrace"])
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
         import torch
 
-        device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        os.makedirs(args.out_dir, exist_ok=True)
         for result in results:
-            with open(os.path.join(args.out_dir, f"aoti-probe-{result['case']}.log"), "w") as handle:
-                handle.write(result.pop("output"))
-        payload = {"date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
+            for step in ("compile", "fresh_load"):
+                if step in result:
+                    path = os.path.join(args.out_dir, f"aoti-probe-{result['case']}-{step}.log")
+                    with open(path, "w") as handle:
+                        handle.write(result[step].pop("output"))
+        payload = {"date": datetime.date.today().isoformat(),
+                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                   "torch": torch.__version__,
                    "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + list(argv or sys.argv[1:])),
                    "results": results}
         with open(os.path.join(args.out_dir, "aoti-load-probe.json"), "w") as handle:
             json.dump(payload, handle, indent=2)
             handle.write("\n")
-    return 0 if all(r["returncode"] == 0 for r in results) else 1
+    ok = all(r["compile"]["returncode"] == 0 and r.get("fresh_load", {}).get("returncode") == 0 for r in results)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The lead's combined GPU run (one device call): GPU tests of every area, then the FP8 speed
-# benchmark, the cached-scoring benchmark and the CUDA predict latency (AOTInductor package vs
-# eager, Triton bf16 and FP8 mode 2), each bounded in time and each writing its log under $OUT
-# as it goes. A step whose time budget is 0 is skipped. Usage on the device (repo root, .whl
-# carried):
-#   [TESTS=...] TEST_S=230 FP8_S=130 CACHED_S=45 PREDICT_S=150 bash benchmarks/run_device_suite.sh
+# benchmark, the cached-scoring benchmark, the AOTI load probe (benchmarks/aoti_load_probe.py,
+# off by default) and the CUDA predict latency (AOTInductor package vs eager, Triton bf16 and
+# FP8 mode 2), each bounded in time and each writing its log under $OUT as it goes. A step
+# whose time budget is 0 is skipped. Usage on the device (repo root, .whl carried):
+#   [TESTS=...] TEST_S=230 FP8_S=130 CACHED_S=45 PROBE_S=0 PREDICT_S=150 bash benchmarks/run_device_suite.sh
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -31,6 +31,11 @@ if [ "${CACHED_S:-45}" -gt 0 ]; then
 timeout "${CACHED_S:-45}" python3 benchmarks/cached_scoring.py --device cuda --histories 1024 4096 8192 --candidates 16 256 \
   --repeats 5 --no-write > "$OUT/cached_scoring.log" 2>&1
 echo "cached scoring rc=$?"; tail -n 12 "$OUT/cached_scoring.log"
+fi
+if [ "${PROBE_S:-0}" -gt 0 ]; then
+timeout "${PROBE_S}" python3 benchmarks/aoti_load_probe.py --device cuda --out-dir "$OUT/aoti_probe" \
+  > "$OUT/aoti_probe.log" 2>&1
+echo "aoti load probe rc=$?"; tail -n 40 "$OUT/aoti_probe.log"
 fi
 if [ "${PREDICT_S:-150}" -gt 0 ]; then
 mkdir -p "$OUT/results"
