@@ -28,6 +28,9 @@ def offsets_to_lengths(offsets: torch.Tensor) -> torch.Tensor:
 def jagged_token_batch_ids(offsets: torch.Tensor, total_len: int) -> torch.Tensor:
     """Which sequence each token belongs to: ``[L]`` int64, ``L = total_len``.
 
+    ``offsets`` follow the library's convention (start at 0, non-decreasing; see
+    ``check_seq_offsets``).
+
     ``searchsorted`` keeps the output size static (``total_len``), which is what makes this
     traceable; ``repeat_interleave`` would need the lengths on the host.
     """
