@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.common import device_description  # noqa: E402
 from torchrec_hstu.modules import STULayer, STUStack  # noqa: E402
 from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets  # noqa: E402
 
@@ -130,28 +130,13 @@ def measure(stack: STUStack, history: int, candidates: int, args: argparse.Names
     }
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
 def write_results(results: List[Dict], args: argparse.Namespace, device: torch.device, command: str) -> None:
     date = datetime.date.today().isoformat()
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
     stem = os.path.join(REPO, "benchmarks", "results", f"{date}-{tag}-cached-scoring")
     meta = {
         "date": date,
-        "device": device_name(device),
+        "device": device_description(device),
         "torch": torch.__version__,
         "command": command,
         "config": {k: v for k, v in vars(args).items() if k not in ("quick", "no_write")},

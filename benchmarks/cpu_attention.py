@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.common import cpu_model  # noqa: E402
 from torchrec_hstu.ops.common import AttentionOptions  # noqa: E402
 from torchrec_hstu.ops.hstu_attention import hstu_attention  # noqa: E402
 from torchrec_hstu.ops.jagged import dense_to_jagged, jagged_to_padded_dense  # noqa: E402
@@ -196,17 +196,6 @@ def measure_time(case: Dict, warmup: int, repeats: int) -> Dict[str, List[float]
     return times
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, no result files")
@@ -260,7 +249,7 @@ def main() -> None:
     command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
     meta = dict(
         date=date,
-        device=f"{cpu_name()}, {os.cpu_count()} cores visible, torch.set_num_threads(2)",
+        device=f"{cpu_model()}, {os.cpu_count()} cores visible, torch.set_num_threads(2)",
         torch=torch.__version__,
         command=command,
         memory_method="peak RSS (VmHWM) minus RSS before one fwd+bwd, in a fresh subprocess per variant",

@@ -29,7 +29,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.common import device_description  # noqa: E402
 from torchrec_hstu.config import load_config  # noqa: E402
 from torchrec_hstu.export import (  # noqa: E402
     RANKING,
@@ -61,21 +61,6 @@ def device_label(device: torch.device) -> str:
         if any(ch.isdigit() for ch in token) and token[0].isalpha():
             return token
     return "cuda"
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def make_batch(signature: Any, batch_size: int, history_len: int, candidates: int, seed: int) -> Dict[str, List[int]]:
