@@ -34,7 +34,8 @@ def jagged_tensor(values: torch.Tensor, offsets: torch.Tensor) -> JaggedTensor:
     return JaggedTensor(values=values, lengths=offsets[1:] - offsets[:-1], offsets=offsets)
 
 
-def _values(x: Optional[Union[JaggedTensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+def jagged_values(x: Optional[Union[JaggedTensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The values of a JaggedTensor; a tensor (or None) as it is."""
     return x.values() if isinstance(x, JaggedTensor) else x
 
 
@@ -187,6 +188,40 @@ class HSTUTransducer(nn.Module):
             f"seq_embeddings must be a JaggedTensor or Dict[str, JaggedTensor]; got {type(seq_embeddings)}"
         )
 
+    def preprocess(
+        self,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        max_seq_len: int,
+        timestamps: Optional[torch.Tensor],
+        num_targets: Optional[torch.Tensor],
+        contextual_embeddings: Optional[torch.Tensor],
+        actions: Optional[torch.Tensor],
+        input_name: str,
+    ) -> PreprocessorOutput:
+        """The input preprocessor on jagged ``values [L, D]``, or ``values`` as they are.
+
+        Shared by :meth:`forward` and the KV-cache prefill / scoring paths. Without a
+        preprocessor ``values`` must already be ``[L, embedding_dim]`` (``input_name`` names
+        them in the error).
+        """
+        if self.input_preprocessor is not None:
+            return self.input_preprocessor(
+                values,
+                offsets,
+                max_seq_len,
+                seq_timestamps=timestamps,
+                num_targets=num_targets,
+                contextual_embeddings=contextual_embeddings,
+                seq_actions=actions,
+            )
+        if values.dim() != 2 or values.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"without an input_preprocessor {input_name} must be [L, {self.embedding_dim}]; "
+                f"got {tuple(values.shape)}"
+            )
+        return PreprocessorOutput(values, offsets, timestamps, num_targets, max_seq_len)
+
     def forward(
         self,
         seq_embeddings: JaggedInput,
@@ -213,28 +248,15 @@ class HSTUTransducer(nn.Module):
         jt = self._select(seq_embeddings)
         values, lengths = jagged_values_lengths(jt)
         offsets = lengths_to_offsets(lengths)
-        timestamps = _values(seq_timestamps)
+        timestamps = jagged_values(seq_timestamps)
         if max_seq_len is None:
             if is_tracing():
                 raise ValueError("max_seq_len must be given when tracing/exporting HSTUTransducer")
             max_seq_len = max(int(lengths.max()), 1) if lengths.numel() > 0 else 1
-        if self.input_preprocessor is not None:
-            pre = self.input_preprocessor(
-                values,
-                offsets,
-                max_seq_len,
-                seq_timestamps=timestamps,
-                num_targets=num_targets,
-                contextual_embeddings=contextual_embeddings,
-                seq_actions=_values(seq_actions),
-            )
-        else:
-            if values.dim() != 2 or values.shape[1] != self.embedding_dim:
-                raise ValueError(
-                    f"without an input_preprocessor seq_embeddings must be [L, {self.embedding_dim}]; "
-                    f"got {tuple(values.shape)}"
-                )
-            pre = PreprocessorOutput(values, offsets, timestamps, num_targets, max_seq_len)
+        pre = self.preprocess(
+            values, offsets, max_seq_len, timestamps, num_targets, contextual_embeddings,
+            jagged_values(seq_actions), "seq_embeddings",
+        )
         x = pre.seq_embeddings
         if self.positional_encoder is not None:
             x = self.positional_encoder(x, pre.seq_offsets, pre.seq_timestamps, pre.num_targets)

@@ -339,10 +339,6 @@ def _uses_time(transducer: "HSTUTransducer") -> bool:
     return encoder is not None and encoder.use_time_encoding
 
 
-def _jagged_values(x: Optional[Union[JaggedTensor, torch.Tensor]]) -> Optional[torch.Tensor]:
-    return x.values() if isinstance(x, JaggedTensor) else x
-
-
 def prefill_transducer(
     transducer: "HSTUTransducer",
     history: JaggedInput,
@@ -388,14 +384,13 @@ def prefill_transducer(
         >>> scored.values().shape
         torch.Size([4, 16])
     """
-    from torchrec_hstu.modules.hstu_transducer import jagged_values_lengths
-    from torchrec_hstu.modules.preprocessors import PreprocessorOutput
+    from torchrec_hstu.modules.hstu_transducer import jagged_values, jagged_values_lengths
 
     jt = transducer._select(history)
     values, lengths = jagged_values_lengths(jt)
     offsets = lengths_to_offsets(lengths)
     batch_size = offsets.numel() - 1
-    timestamps = _jagged_values(seq_timestamps)
+    timestamps = jagged_values(seq_timestamps)
     if _uses_time(transducer):
         if timestamps is None or query_timestamps is None:
             raise ValueError(
@@ -404,23 +399,9 @@ def prefill_transducer(
             )
         if query_timestamps.shape != (batch_size,):
             raise ValueError(f"query_timestamps must be [B]=[{batch_size}]; got {tuple(query_timestamps.shape)}")
-    if transducer.input_preprocessor is not None:
-        pre = transducer.input_preprocessor(
-            values,
-            offsets,
-            max_seq_len,
-            seq_timestamps=timestamps,
-            num_targets=None,
-            contextual_embeddings=contextual_embeddings,
-            seq_actions=_jagged_values(seq_actions),
-        )
-    else:
-        if values.dim() != 2 or values.shape[1] != transducer.embedding_dim:
-            raise ValueError(
-                f"without an input_preprocessor history must be [L, {transducer.embedding_dim}]; got "
-                f"{tuple(values.shape)}"
-            )
-        pre = PreprocessorOutput(values, offsets, timestamps, None, max_seq_len)
+    pre = transducer.preprocess(
+        values, offsets, max_seq_len, timestamps, None, contextual_embeddings, jagged_values(seq_actions), "history"
+    )
     x = pre.seq_embeddings
     if transducer.positional_encoder is not None:
         # One stand-in "target" per sequence carrying the request time: history positions count
@@ -477,7 +458,7 @@ def score_candidates(
     Returns:
         ``JaggedTensor`` ``[Lt, d]`` of post-processed candidate embeddings, lengths ``T_b``.
     """
-    from torchrec_hstu.modules.hstu_transducer import jagged_tensor, jagged_values_lengths
+    from torchrec_hstu.modules.hstu_transducer import jagged_tensor, jagged_values, jagged_values_lengths
 
     if not isinstance(cache, HSTUKVCache):
         raise ValueError(f"cache must be an HSTUKVCache from prefill_transducer; got {type(cache)}")
@@ -492,7 +473,7 @@ def score_candidates(
         raise ValueError(
             f"candidates have B={batch_size} sequences but the cache holds {cache.stack.batch_size} users"
         )
-    timestamps = _jagged_values(candidate_timestamps)
+    timestamps = jagged_values(candidate_timestamps)
     c = transducer.contextual_seq_len
     if _uses_time(transducer):
         if timestamps is None:
@@ -506,29 +487,15 @@ def score_candidates(
                     "(query_timestamps): history time buckets were measured from it; prefill again for a "
                     "new request time"
                 )
-    if transducer.input_preprocessor is not None:
-        pre_module = transducer.input_preprocessor
-        contextual = None
-        if c > 0:
-            # Stand-in contextual tokens (stripped below): they put the candidates at positions >= c.
-            contextual = values.new_zeros(batch_size, c, pre_module.contextual_feature_dim)
-        pre = pre_module(
-            values,
-            offsets,
-            cache.max_seq_len,
-            seq_timestamps=timestamps,
-            num_targets=lengths,
-            contextual_embeddings=contextual,
-            seq_actions=_jagged_values(candidate_actions),
-        )
-        x, x_offsets, x_timestamps = pre.seq_embeddings, pre.seq_offsets, pre.seq_timestamps
-    else:
-        if values.dim() != 2 or values.shape[1] != transducer.embedding_dim:
-            raise ValueError(
-                f"without an input_preprocessor candidates must be [L, {transducer.embedding_dim}]; got "
-                f"{tuple(values.shape)}"
-            )
-        x, x_offsets, x_timestamps = values, offsets, timestamps
+    contextual = None
+    if transducer.input_preprocessor is not None and c > 0:
+        # Stand-in contextual tokens (stripped below): they put the candidates at positions >= c.
+        contextual = values.new_zeros(batch_size, c, transducer.input_preprocessor.contextual_feature_dim)
+    pre = transducer.preprocess(
+        values, offsets, cache.max_seq_len, timestamps, lengths, contextual, jagged_values(candidate_actions),
+        "candidates",
+    )
+    x, x_offsets, x_timestamps = pre.seq_embeddings, pre.seq_offsets, pre.seq_timestamps
     if transducer.positional_encoder is not None:
         # Candidates are targets: position index c, time bucket from the last candidate.
         x = transducer.positional_encoder(x, x_offsets, x_timestamps, lengths)

@@ -31,6 +31,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from torchrec_hstu.modules.hstu_transducer import (
     HSTUTransducer,
     jagged_tensor,
+    jagged_values,
     jagged_values_lengths,
 )
 from torchrec_hstu.ops.common import is_tracing
@@ -56,10 +57,6 @@ class MultiChannelHSTUOutput:
 
     candidate_embeddings: JaggedTensor
     channel_embeddings: Dict[str, JaggedTensor]
-
-
-def _values(x: JaggedOrTensor) -> torch.Tensor:
-    return x.values() if isinstance(x, JaggedTensor) else x
 
 
 class MultiChannelHSTU(nn.Module):
@@ -174,7 +171,7 @@ class MultiChannelHSTU(nn.Module):
         cand_offsets = lengths_to_offsets(num_candidates)
         cand_timestamps = None
         if seq_timestamps is not None and cand_key in seq_timestamps:
-            cand_timestamps = _values(seq_timestamps[cand_key])
+            cand_timestamps = jagged_values(seq_timestamps[cand_key])
         outputs: Dict[str, JaggedTensor] = {}
         for name, transducer in zip(self.channel_names, self.channels):
             history = self._get(seq_embeddings, name, "seq_embeddings", name)
@@ -194,11 +191,11 @@ class MultiChannelHSTU(nn.Module):
                         f"seq_timestamps has channel {name!r} but not the candidates' key {cand_key!r}"
                     )
                 timestamps = concat_2D_jagged(
-                    _values(seq_timestamps[name]), cand_timestamps, hist_offsets, cand_offsets
+                    jagged_values(seq_timestamps[name]), cand_timestamps, hist_offsets, cand_offsets
                 )
             actions = None
             if seq_actions is not None and name in seq_actions:
-                hist_actions = _values(seq_actions[name])
+                hist_actions = jagged_values(seq_actions[name])
                 actions = concat_2D_jagged(
                     hist_actions,
                     hist_actions.new_zeros(cand_values.shape[0]),
