@@ -134,22 +134,22 @@ def _read_lines(
     return rows.dataset()
 
 
-def _parse_ml1m(line: str) -> Row:
-    fields = line.split("::")
+def _parse_movielens(line: str, separator: str) -> Row:
+    """A ``user, item, rating, timestamp`` MovieLens line (ML-1M: ``::``, ML-20M: ``,``)."""
+    fields = line.split(separator)
     if len(fields) != 4:
         raise ValueError("field count")
     user, item, rating, ts = fields
     _parse_int(user), _parse_int(item), _parse_rating(rating)
     return user.strip(), item.strip(), _parse_int(ts)
+
+
+def _parse_ml1m(line: str) -> Row:
+    return _parse_movielens(line, "::")
 
 
 def _parse_ml20m(line: str) -> Row:
-    fields = line.split(",")
-    if len(fields) != 4:
-        raise ValueError("field count")
-    user, item, rating, ts = fields
-    _parse_int(user), _parse_int(item), _parse_rating(rating)
-    return user.strip(), item.strip(), _parse_int(ts)
+    return _parse_movielens(line, ",")
 
 
 def _parse_csv(line: str) -> Row:
