@@ -11,7 +11,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -82,6 +82,22 @@ def restore(
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
     return int(checkpoint["epoch"])
+
+
+def resume_run(
+    resume: Optional[str], checkpoint_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> Tuple[int, List[Dict[str, Any]]]:
+    """``--resume`` of the trainers: ``(completed epochs, metric history)``, ``(0, [])`` when off.
+
+    ``resume`` is None (start afresh), ``"auto"`` (this run's ``checkpoint_path``) or a path.
+    """
+    if not resume:
+        return 0, []
+    path = checkpoint_path if resume == "auto" else resume
+    state = load_checkpoint(path)
+    start_epoch = restore(state, model, optimizer)
+    print(f"resumed from {path} after epoch {start_epoch}")
+    return start_epoch, list(state["history"])
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:

@@ -32,9 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
     Throughput,
     epoch_generator,
-    load_checkpoint,
     plot_history,
-    restore,
+    resume_run,
     resolve_device,
     run_info,
     save_checkpoint,
@@ -50,6 +49,7 @@ from torchrec_hstu.data.ranking import (  # noqa: E402
     iterate_ranking_batches,
     split_users,
 )
+from torchrec_hstu.data.sequences import num_batches  # noqa: E402
 from torchrec_hstu.data.synthetic import ImpressionConfig, Impressions, generate_impressions  # noqa: E402
 from torchrec_hstu.models.ranking import HSTURanking, HSTURankingTrain  # noqa: E402
 
@@ -212,17 +212,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         baselines["oracle"] = auc_per_task(oracle, eval_labels, list(tasks))
 
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pt")
-    history: List[Dict[str, Any]] = []
-    start_epoch = 0
-    if args.resume:
-        path = checkpoint_path if args.resume == "auto" else args.resume
-        state = load_checkpoint(path)
-        start_epoch = restore(state, model, optimizer)
-        history = list(state["history"])
-        print(f"resumed from {path} after epoch {start_epoch}")
+    start_epoch, history = resume_run(args.resume, checkpoint_path, model, optimizer)
 
     meter = Throughput()
-    steps = (train_users.numel() + args.batch_size - 1) // args.batch_size
+    steps = num_batches(train_users.numel(), args.batch_size)
     for epoch in range(start_epoch, args.epochs):
         generator = epoch_generator(args.seed, epoch)
         model.train()

@@ -33,10 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
     Throughput,
     epoch_generator,
-    load_checkpoint,
     mean_std,
     plot_history,
-    restore,
+    resume_run,
     run_info,
     resolve_device,
     save_checkpoint,
@@ -230,14 +229,7 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
           f"dense part on {model.dense_device()}, item table on {model.embedding_device()}, kernel {kernels}")
 
     checkpoint_path = os.path.join(output_dir, "checkpoint.pt")
-    history: List[Dict[str, Any]] = []
-    start_epoch = 0
-    if args.resume:
-        path = checkpoint_path if args.resume == "auto" else args.resume
-        state = load_checkpoint(path)
-        start_epoch = restore(state, model, optimizer)
-        history = list(state["history"])
-        print(f"resumed from {path} after epoch {start_epoch}")
+    start_epoch, history = resume_run(args.resume, checkpoint_path, model, optimizer)
 
     meter = Throughput()
     steps = num_batches(split.train.num_users, args.batch_size)
