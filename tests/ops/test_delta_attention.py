@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.ops.test_fp8_emulation import oracle_quantize, silu64, tile_quant
+from tests.ops.test_fp8_emulation import oracle_fp8_forward_head, oracle_quantize
 from tests.strategies import gr_mask_rule, jagged_batches, oracle_attention, sla_mask_rule
 from torchrec_hstu.ops.common import AttentionOptions
 from torchrec_hstu.ops.delta_attention import delta_hstu_attention, delta_hstu_mha
@@ -174,17 +174,10 @@ def loop_oracle_fp8_delta(
         full_mask = torch.tensor(mask_fn_for(options, targets)(b, n), dtype=torch.bool)
         mask = full_mask[n - d :]
         for h in range(delta_q.shape[1]):
-            Q, K, V = fq[queries, h], fk[keys, h], fv[keys, h]
-            Qd, Kd, Vd = fqd[queries, h, 0], fkd[keys, h, 0], fvd[keys, h]
-            o = torch.zeros(d, v.shape[2])
-            for m0 in range(0, d, tiles.fwd_p_rows):
-                rows = slice(m0, min(d, m0 + tiles.fwd_p_rows))
-                for n0 in range(0, n, tiles.fwd_block_n):
-                    cols = slice(n0, min(n, n0 + tiles.fwd_block_n))
-                    s = (Q[rows] @ K[cols].T).float() * (Qd[rows, None] * Kd[None, cols]) * alpha
-                    p = torch.where(mask[rows, cols], silu64(s)[0], 0.0)
-                    p8, sp = tile_quant(p, mode)
-                    o[rows] += (p8 @ V[cols]).float() * (sp * Vd[n0])
+            o = oracle_fp8_forward_head(
+                fq[queries, h], fk[keys, h], fv[keys, h], fqd[queries, h, 0], fkd[keys, h, 0], fvd[keys, h],
+                mask, alpha, mode, tiles,
+            )
             out[queries, h] = o / scaling
     return out
 

@@ -92,6 +92,24 @@ def silu64(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (s64 * sig).float(), (sig * (1 + s64 * (1 - sig))).float()
 
 
+def oracle_fp8_forward_head(Q, K, V, Qd, Kd, Vd, mask, alpha: float, mode: int, tiles: FP8TileSizes) -> torch.Tensor:
+    """One head of one sequence, forward, by explicit tiles: ``fwd_p_rows`` query rows x
+    ``fwd_block_n`` keys, P quantized per tile, accumulated key tile by key tile (unscaled by
+    ``scaling_seqlen``). ``Q``/``K``/``V`` are fp8 values, ``Qd``/``Kd``/``Vd`` their descales,
+    ``mask`` ``[queries, keys]``."""
+    num_queries, num_keys = Q.shape[0], K.shape[0]
+    o = torch.zeros(num_queries, V.shape[-1])
+    for m0 in range(0, num_queries, tiles.fwd_p_rows):
+        rows = slice(m0, min(num_queries, m0 + tiles.fwd_p_rows))
+        for n0 in range(0, num_keys, tiles.fwd_block_n):
+            cols = slice(n0, min(num_keys, n0 + tiles.fwd_block_n))
+            s = (Q[rows] @ K[cols].T).float() * (Qd[rows, None] * Kd[None, cols]) * alpha
+            p = torch.where(mask[rows, cols], silu64(s)[0], 0.0)
+            p8, sp = tile_quant(p, mode)
+            o[rows] += (p8 @ V[cols]).float() * (sp * Vd[n0])
+    return o
+
+
 def oracle(q, k, v, dout, lengths, max_seq_len, alpha, options, num_targets, tiles: FP8TileSizes):
     mode = options.fp8_quant_mode
     scaling = options.resolve_scaling_seqlen(max_seq_len)
@@ -120,17 +138,9 @@ def oracle(q, k, v, dout, lengths, max_seq_len, alpha, options, num_targets, til
         mask = sequence_mask(options, n, None if num_targets is None else int(num_targets[b]))
         for h in range(heads):
             # ---- forward: tiles of p_rows x fwd_block_n, accumulated key tile by key tile
-            Q, K, V = fq[seq, h], fk[seq, h], fv[seq, h]
-            Qd, Kd, Vd = fqd[seq, h, 0], fkd[seq, h, 0], fvd[seq, h]
-            o = torch.zeros(n, v.shape[2])
-            for m0 in range(0, n, tiles.fwd_p_rows):
-                rows = slice(m0, min(n, m0 + tiles.fwd_p_rows))
-                for n0 in range(0, n, tiles.fwd_block_n):
-                    cols = slice(n0, min(n, n0 + tiles.fwd_block_n))
-                    s = (Q[rows] @ K[cols].T).float() * (Qd[rows, None] * Kd[None, cols]) * alpha
-                    p = torch.where(mask[rows, cols], silu64(s)[0], 0.0)
-                    p8, sp = tile_quant(p, mode)
-                    o[rows] += (p8 @ V[cols]).float() * (sp * Vd[n0])
+            o = oracle_fp8_forward_head(
+                fq[seq, h], fk[seq, h], fv[seq, h], fqd[seq, h, 0], fkd[seq, h, 0], fvd[seq, h], mask, alpha, mode, tiles
+            )
             out[seq, h] = o / scaling
             # ---- backward: tiles of bwd_block_m x bwd_block_n
             Qr, Kr, Vr, Or = bq[seq, h], bk[seq, h], bv[seq, h], bo[seq, h]
