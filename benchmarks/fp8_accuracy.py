@@ -54,20 +54,22 @@ ROWS = ["bf16"] + [f"mode {m}" for m in range(6)]
 TENSORS = ["O", "dQ", "dK", "dV"]
 
 
+def draw_input(total: int, heads: int, dim: int, scale: str, gen: torch.Generator) -> torch.Tensor:
+    """bf16 ``[total, heads, dim]`` drawn ``N(0, 1)`` times ``scale`` (a number), or times a
+    per-token power of two in ``[2^-5, 2^3)`` for ``scale == "token"``."""
+    x = torch.randn(total, heads, dim, generator=gen)
+    if scale == "token":
+        x = x * torch.exp2(torch.rand(total, heads, 1, generator=gen) * 8 - 5)
+    else:
+        x = x * float(scale)
+    return x.to(torch.bfloat16)
+
+
 def make_case(lengths: List[int], heads: int, dim: int, targets: bool, scale: str, seed: int):
     gen = torch.Generator().manual_seed(seed)
     offsets = torch.tensor([0] + lengths).cumsum(0)
     total = int(offsets[-1])
-
-    def draw() -> torch.Tensor:
-        x = torch.randn(total, heads, dim, generator=gen)
-        if scale == "token":
-            x = x * torch.exp2(torch.rand(total, heads, 1, generator=gen) * 8 - 5)
-        else:
-            x = x * float(scale)
-        return x.to(torch.bfloat16)
-
-    q, k, v, grad = (draw() for _ in range(4))
+    q, k, v, grad = (draw_input(total, heads, dim, scale, gen) for _ in range(4))
     num_targets = None
     if targets:
         num_targets = torch.tensor([min(n, int(t)) for n, t in zip(lengths, torch.randint(1, 9, (len(lengths),), generator=gen))])

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
+from benchmarks.fp8_accuracy import draw_input
 from torchrec_hstu.ops.common import AttentionOptions
 from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention
@@ -30,15 +31,6 @@ MODE0_BOUNDS = {
     "token": {"O": (0.07, 0.12), "dV": (0.07, 0.15), "dQ": (0.45, 1.0), "dK": (0.45, 1.0)},
 }
 BF16_BOUND = 0.005  # rel_rms and max_rel of the plain bf16 path
-
-
-def draw(total: int, heads: int, dim: int, scale: str, gen: torch.Generator) -> torch.Tensor:
-    x = torch.randn(total, heads, dim, generator=gen)
-    if scale == "token":
-        x = x * torch.exp2(torch.rand(total, heads, 1, generator=gen) * 8 - 5)
-    else:
-        x = x * float(scale)
-    return x.to(torch.bfloat16)
 
 
 def run(fn, tensors: List[torch.Tensor], grad: torch.Tensor) -> List[torch.Tensor]:
@@ -61,7 +53,7 @@ def test_fp8_error_within_stated_bounds(scale, dim, mask):
     lengths = [0, 1, 37, 150, 260]
     gen = torch.Generator().manual_seed(dim)
     offsets = torch.tensor([0] + lengths).cumsum(0)
-    q, k, v, grad = (draw(sum(lengths), 2, dim, scale, gen) for _ in range(4))
+    q, k, v, grad = (draw_input(sum(lengths), 2, dim, scale, gen) for _ in range(4))
     kwargs: Dict = {}
     nt: Optional[torch.Tensor] = None
     if mask != "causal":
