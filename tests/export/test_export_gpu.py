@@ -3,7 +3,7 @@
 Two-channel ranking model with the TRITON kernel under bfloat16 autocast (float32 weights,
 ``export_model(..., autocast_dtype=torch.bfloat16)``), in high precision
 (``fp8_quant_mode = -1``) and with FP8 mode 2 (per-block) on every channel; the package's FP8
-op runs the CUTLASS wheel when it imports and passes its gate, else the Triton FP8 kernel. The
+op runs the kernel the model was exported with (TRITON here; it raises if that cannot run). The
 eager oracle runs the same model under the same autocast with the item table on CPU
 (``HSTURanking.place``; the GPU machine has no fbgemm CUDA ops); the package runs entirely on
 CUDA, in a separate ``python -m torchrec_hstu.predict`` process as in serving (no torchrec, no

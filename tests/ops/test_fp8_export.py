@@ -26,11 +26,24 @@ def test_opcheck(mode, with_targets):
     q, k, v = (torch.randn(40, 2, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
     offsets = torch.tensor([0, 0, 17, 18, 40])
     nt = torch.tensor([0, 2, 1, 3]) if with_targets else None
-    args = (q, k, v, offsets, nt, 22, -1, 0.25, mode, True, 0, 1 if with_targets else 0, 0, 0, 0)
+    args = (q, k, v, offsets, nt, 22, -1, 0.25, mode, True, 0, 1 if with_targets else 0, 0, 0, 0, "PYTORCH")
     torch.library.opcheck(hstu_fp8_fwd, args)
     out = hstu_fp8_fwd(*args)
     options = AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1 if with_targets else 0)
     assert torch.equal(out, fp8_hstu_attention_emulated(q, k, v, offsets, 22, 0.25, options, nt))
+
+
+def test_cpu_impl_runs_the_emulation_for_every_kernel_and_refuses_unknown_names():
+    # Notes decision 8: on CPU the op computes every kernel's FP8 definition with the emulation.
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(20, 2, 16, generator=gen) for _ in range(3))
+    offsets = torch.tensor([0, 9, 20])
+    want = fp8_hstu_attention_emulated(q, k, v, offsets, 11, 0.25, AttentionOptions(fp8_quant_mode=2))
+    for kernel in ("PYTORCH", "TRITON", "CUTLASS"):
+        got = hstu_fp8_fwd(q, k, v, offsets, None, 11, -1, 0.25, 2, True, 0, 0, 0, 0, 0, kernel)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        hstu_fp8_fwd(q, k, v, offsets, None, 11, -1, 0.25, 2, True, 0, 0, 0, 0, 0, "FLASH")
 
 
 def test_call_helper_passes_every_option():
@@ -47,7 +60,7 @@ def test_call_helper_passes_every_option():
         assert torch.equal(got, fp8_hstu_attention_emulated(q, k, v, offsets, 18, 0.3, options, nt))
 
 
-def _export_and_check(model, batches, num_layers):
+def _export_and_check(model, batches, num_layers, kernel="PYTORCH"):
     x, offsets, nt = batches[0]
     total, batch = Dim("total", min=2, max=1 << 16), Dim("batch", min=1, max=1024)
     with torch.no_grad():
@@ -59,6 +72,8 @@ def _export_and_check(model, batches, num_layers):
         )
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     assert sum(n.target == OP for n in nodes) == num_layers
+    # The graph records the kernel the model resolved (the CUDA impl runs exactly it).
+    assert {n.args[-1] for n in nodes if n.target == OP} == {kernel}
     for n in nodes:  # no quantizer internals: nothing float8, no scatter/amax
         val = n.meta.get("val")
         assert not (isinstance(val, torch.Tensor) and val.dtype == torch.float8_e4m3fn), n
@@ -118,6 +133,8 @@ def test_export_cutlass_model_on_cpu_skips_the_gate():
     with torch.no_grad():
         ep = export(cutlass, (x, offsets, 40, nt), dynamic_shapes=({0: total}, {0: batch + 1}, None, {0: batch}),
                     strict=False)
+        (node,) = [n for n in ep.graph.nodes if n.target == OP]
+        assert node.args[-1] == "CUTLASS"  # on CUDA the op would run the wheel or raise
         for x, offsets, nt in _batches(32):
             assert torch.equal(ep.module()(x, offsets, 40, nt), pytorch(x, offsets, 40, nt))
 
@@ -146,3 +163,25 @@ def test_eager_train_and_eval_never_use_the_op():
         assert not any("hstu_fp8_fwd" in op for op in log.ops)
         assert x.grad is not None and bool(torch.isfinite(x.grad).all())
         x.grad = None
+
+
+@pytest.mark.gpu
+def test_cuda_impl_runs_exactly_the_recorded_kernel():
+    """On CUDA the op runs the exported kernel: PYTORCH -> the emulation, TRITON -> the Triton
+    FP8 kernel (same FP8 definition, fp32 summation order apart), CUTLASS without the wheel ->
+    an error naming it, never another kernel."""
+    from torchrec_hstu.ops.cutlass import cutlass_available
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(300, 2, 64, generator=gen).cuda() for _ in range(3))
+    offsets = torch.tensor([0, 1, 130, 300]).cuda()
+    options = AttentionOptions(fp8_quant_mode=2)
+    want = fp8_hstu_attention_emulated(q, k, v, offsets, 170, 0.125, options)
+    args = (q, k, v, offsets, None, 170, -1, 0.125, 2, True, 0, 0, 0, 0, 0)
+    assert torch.equal(hstu_fp8_fwd(*args, "PYTORCH"), want)
+    triton_out = hstu_fp8_fwd(*args, "TRITON")
+    # The limit of tests/ops/test_triton_fp8.py (AGREE_REL_L2): fp32 summation order only.
+    assert ((triton_out - want).norm() / want.norm()).item() <= 1e-3
+    if not cutlass_available():
+        with pytest.raises(RuntimeError, match="kernel=CUTLASS"):
+            hstu_fp8_fwd(*args, "CUTLASS")

@@ -83,7 +83,7 @@ def fp8_hstu_attention(
         check_fp8_support(kernel, mode, q.shape[2], v.shape[2], q.device)  # static checks only
         from torchrec_hstu.ops.fp8.export_op import call_hstu_fp8_fwd
 
-        return call_hstu_fp8_fwd(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
+        return call_hstu_fp8_fwd(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, kernel)
     if kernel == HSTUKernel.PYTORCH:
         check_fp8_support(kernel, mode, q.shape[2], v.shape[2], q.device)
         from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated

@@ -10,18 +10,23 @@ graph holds a single node per attention call.
 ``torch.compiler.is_exporting()``; eager training and evaluation never do (autograd stays on
 the direct path). The op has no autograd formula: it is for inference graphs.
 
-Implementations, picked when the exported program runs (all compute the same FP8 definition,
-none runs bf16/fp16): CPU (and any non-CUDA device) -> the exact emulation; CUDA -> the CUTLASS
-wheel when it imports and the device passes its FP8 gate, else the Triton FP8 kernel when it
-imports and the device passes its gate, else the emulation on CUDA. The choice is logged once.
+The op carries the kernel the model was exported with (``kernel``: the resolved
+:class:`~torchrec_hstu.ops.common.HSTUKernel` name). Implementations (notes decisions 4 and 8):
+on CPU (and any non-CUDA device) every kernel's FP8 definition is computed by the exact
+emulation, so a model exported for a GPU kernel still runs on a CPU; on CUDA the op runs exactly
+the recorded kernel through the eager dispatcher
+:func:`~torchrec_hstu.ops.fp8.dispatch.fp8_hstu_attention` (PYTORCH -> the emulation, TRITON ->
+the Triton FP8 kernel, CUTLASS -> the wheel) and, where that kernel cannot run (no Triton, no
+wheel, a GPU below its FP8 gate), raises the dispatcher's error naming kernel and mode instead of
+falling back to another kernel. The choice is logged once per device.
 """
 
 import logging
-from typing import Optional, Set
+from typing import Optional, Set, Union
 
 import torch
 
-from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, to_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +80,9 @@ def hstu_fp8_fwd(
     min_full_attn_seq_len: int,
     sla_k1: int,
     sla_k2: int,
+    kernel: str,
 ) -> torch.Tensor:
-    """FP8 HSTU attention forward (CPU / default impl: the exact emulation).
+    """FP8 HSTU attention forward (CPU / default impl: the exact emulation, for every kernel).
 
     Args:
         q: ``[L, H, Dqk]``.
@@ -90,17 +96,20 @@ def hstu_fp8_fwd(
         fp8_quant_mode: 0..5.
         causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2: the
             mask options of :class:`~torchrec_hstu.ops.common.AttentionOptions`.
+        kernel: ``"PYTORCH"``, ``"TRITON"`` or ``"CUTLASS"``: the kernel the model was exported
+            with; the CUDA implementation runs exactly it.
 
     Returns:
         ``[L, H, Dv]`` in the dtype of ``q``.
     """
     from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 
+    to_kernel(kernel)  # a malformed graph fails here, not silently
     options = _options(
         scaling_seqlen, fp8_quant_mode, causal, max_attn_len, contextual_seq_len,
         min_full_attn_seq_len, sla_k1, sla_k2,
     )
-    _log_choice(q.device, "the PyTorch emulation")
+    _log_choice(q.device, f"the PyTorch emulation (exported kernel {kernel})")
     with torch.no_grad():
         return fp8_hstu_attention_emulated(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
 
@@ -122,39 +131,18 @@ def _hstu_fp8_fwd_cuda(
     min_full_attn_seq_len: int,
     sla_k1: int,
     sla_k2: int,
+    kernel: str,
 ) -> torch.Tensor:
-    from torchrec_hstu.ops.cutlass import cutlass_available, cutlass_hstu_attention
-    from torchrec_hstu.ops.fp8.arch import check_fp8_support
-    from torchrec_hstu.ops.fp8.dispatch import load_triton_fp8_attention
-    from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
+    from torchrec_hstu.ops.fp8.dispatch import fp8_hstu_attention
 
     options = _options(
         scaling_seqlen, fp8_quant_mode, causal, max_attn_len, contextual_seq_len,
         min_full_attn_seq_len, sla_k1, sla_k2,
     )
-    args = (q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
-
-    def supported(kernel: HSTUKernel) -> bool:
-        try:
-            check_fp8_support(kernel, fp8_quant_mode, q.shape[2], v.shape[2], q.device)
-        except (RuntimeError, ValueError):
-            return False
-        return True
-
     with torch.no_grad():
-        if cutlass_available() and supported(HSTUKernel.CUTLASS):
-            _log_choice(q.device, "the CUTLASS wheel")
-            return cutlass_hstu_attention(*args)
-        if supported(HSTUKernel.TRITON):
-            try:
-                triton_fn = load_triton_fp8_attention()
-            except RuntimeError:
-                triton_fn = None
-            if triton_fn is not None:
-                _log_choice(q.device, "the Triton FP8 kernel")
-                return triton_fn(*args)
-        _log_choice(q.device, "the PyTorch emulation")
-        return fp8_hstu_attention_emulated(*args)
+        out = fp8_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, kernel=kernel)
+    _log_choice(q.device, f"the {kernel} kernel")
+    return out
 
 
 @hstu_fp8_fwd.register_fake
@@ -174,6 +162,7 @@ def _hstu_fp8_fwd_fake(
     min_full_attn_seq_len: int,
     sla_k1: int,
     sla_k2: int,
+    kernel: str,
 ) -> torch.Tensor:
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
@@ -187,8 +176,12 @@ def call_hstu_fp8_fwd(
     alpha: float,
     options: AttentionOptions,
     num_targets: Optional[torch.Tensor] = None,
+    kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
 ) -> torch.Tensor:
-    """The op with :class:`AttentionOptions` unpacked (same arguments as the other kernels)."""
+    """The op with :class:`AttentionOptions` unpacked (same arguments as the other kernels).
+
+    ``kernel`` is stored in the graph by name; the dispatcher passes the kernel it resolved.
+    """
     return torch.ops.torchrec_hstu.hstu_fp8_fwd(
         q,
         k,
@@ -205,4 +198,5 @@ def call_hstu_fp8_fwd(
         options.min_full_attn_seq_len,
         options.sla_k1,
         options.sla_k2,
+        to_kernel(kernel).name,
     )
