@@ -2,13 +2,19 @@
 
 On the H100 (torch 2.11.0+cu130, 2026-11-25) the CUDA package of the two-channel ranking model
 compiled but ``aoti_load_package`` died with a segmentation fault inside the C++ loader, and a
-crash takes the Python process (and any pytest worker) with it. This script therefore builds
+crash takes the Python process (and any pytest worker) with it. (Its answer, third session: every
+case crashed, ``nn.Linear`` included, so the cause lay below our code; ``aoti_load_steps.py``
+found it, a statically linked libstdc++, fixed in ``torchrec_hstu/aoti_toolchain.py``.) This
+script therefore builds
 each case in its own subprocess, from the smallest program to the whole model: one process
 exports, compiles, saves the inputs and the eager output, and loads the package itself (as the
 GPU test does, with torchrec and the CPU-only fbgemm build imported for the ranking models); a
 second, fresh process loads it with only torch and our op modules imported (as ``predict`` does)
 and compares with the saved eager output. Each step reports the last stage it reached and its
-exit status (``-11``: SIGSEGV), so one device call says which ingredient the loader cannot take:
+exit status (``-11``: SIGSEGV; ``None``: timed out), so one device call says which ingredient the
+loader cannot take. Step logs stream to ``--out-dir`` as the steps run, a watchdog in each step
+dumps its Python stacks before its timeout, and the JSON is rewritten as each case ends: a first
+device run that printed only at the end timed out after 420 s with nothing to show.
 
 ==================  ======================================================================
 case                program
@@ -34,6 +40,7 @@ Usage (device; repo root, ``.whl`` installed as in ``benchmarks/run_device_suite
 import argparse
 import copy
 import datetime
+import faulthandler
 import json
 import os
 import shutil
@@ -45,11 +52,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.common import run_logged  # noqa: E402
 
 CASES = ["linear", "triton_op", "fp8_op", "ranking_pytorch", "ranking_triton", "ranking_triton_fp8"]
 CUDA_ONLY = {"triton_op", "ranking_triton", "ranking_triton_fp8"}
 RANKING_CONFIG = os.path.join(REPO, "examples", "configs", "ranking_two_channel.pbtxt")
-STAGES = ("started", "exported", "compiled", "loaded", "ran")
 
 
 def stage(name: str, detail: str = "") -> None:
@@ -142,6 +149,7 @@ def compile_case(case: str, device: str, workdir: str) -> None:
     torch.save({"inputs": [x.cpu() for x in inputs], "want": want.cpu()}, package + ".io.pt")
     stage("compiled")
     loaded_modules = sorted(m for m in ("torchrec", "fbgemm_gpu") if m in sys.modules)
+    stage("loading_same_process")
     torch._inductor.aoti_load_package(package)
     stage("loaded_same_process", f"with {loaded_modules or 'no torchrec/fbgemm'} imported")
 
@@ -178,19 +186,20 @@ def _last_stage(output: str) -> Tuple[str, str]:
     return last, detail
 
 
-def _child(step: str, case: str, device: str, workdir: str, timeout_s: float) -> Dict[str, Any]:
+def _child(step: str, case: str, device: str, workdir: str, timeout_s: float, log_path: str) -> Dict[str, Any]:
+    """Run one step of ``case`` in a subprocess whose output streams to ``log_path``.
+
+    The log is written as the child runs, so a step that hangs or outlives the device call still
+    leaves its output; the child's faulthandler watchdog dumps every thread's Python stack and
+    exits a few seconds before ``timeout_s``, so a hang shows where it hangs.
+    """
+    watchdog_s = max(1.0, timeout_s - 5.0)
     command = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__), f"--{step}", case,
-               "--device", device, "--workdir", workdir]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
-        returncode, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        returncode = None
-        output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+               "--device", device, "--workdir", workdir, "--watchdog-s", str(watchdog_s)]
+    returncode, seconds, output = run_logged(command, log_path, timeout_s, cwd=REPO)
     last, detail = _last_stage(output)
-    return {"returncode": returncode, "last_stage": last, "detail": detail,
-            "seconds": round(time.perf_counter() - start, 1), "output": output}
+    return {"returncode": returncode, "last_stage": last, "detail": detail, "seconds": seconds,
+            "log": os.path.basename(log_path)}
 
 
 def _gdb_backtrace(case: str, device: str, workdir: str) -> Optional[str]:
@@ -200,7 +209,7 @@ def _gdb_backtrace(case: str, device: str, workdir: str) -> Optional[str]:
     command = ["gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, os.path.abspath(__file__),
                "--load-case", case, "--device", device, "--workdir", workdir]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     except subprocess.TimeoutExpired:
         return "gdb timed out"
     lines = done.stdout.splitlines()
@@ -208,13 +217,26 @@ def _gdb_backtrace(case: str, device: str, workdir: str) -> Optional[str]:
     return "\n".join(lines[first:first + 60])
 
 
-def probe(case: str, device: str, workdir: str, timeout_s: float) -> Dict[str, Any]:
-    """Compile (and load in the same process), then load and run in a fresh process."""
-    result: Dict[str, Any] = {"case": case, "compile": _child("compile-case", case, device, workdir, timeout_s)}
-    if result["compile"]["last_stage"] in ("compiled", "loaded_same_process"):
-        result["fresh_load"] = _child("load-case", case, device, workdir, timeout_s)
-        if result["fresh_load"]["returncode"] not in (0, None) and result["fresh_load"]["last_stage"] == "fresh_started":
-            result["gdb_backtrace"] = _gdb_backtrace(case, device, workdir)
+def probe(case: str, device: str, workdir: str, log_dir: str, deadline: float,
+          compile_timeout_s: float, load_timeout_s: float) -> Dict[str, Any]:
+    """Compile (and load in the same process), then load and run in a fresh process.
+
+    Every step is bounded by its own timeout and by the run's ``deadline`` (``time.monotonic``);
+    a step with under 10 s left is not started.
+    """
+    result: Dict[str, Any] = {"case": case}
+    for step, key, timeout_s in (("compile-case", "compile", compile_timeout_s),
+                                 ("load-case", "fresh_load", load_timeout_s)):
+        left = min(timeout_s, deadline - time.monotonic())
+        if left < 10:
+            break
+        log_path = os.path.join(log_dir, f"aoti-probe-{case}-{key}.log")
+        result[key] = _child(step, case, device, workdir, left, log_path)
+        if key == "compile" and result[key]["last_stage"] not in ("compiled", "loading_same_process", "loaded_same_process"):
+            break
+    load = result.get("fresh_load")
+    if load and load["returncode"] not in (0, None) and load["last_stage"] == "fresh_started":
+        result["gdb_backtrace"] = _gdb_backtrace(case, device, workdir)
     return result
 
 
@@ -229,50 +251,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     parser.add_argument("--cases", nargs="+", default=None, choices=CASES)
-    parser.add_argument("--parallel", type=int, default=3, help="cases compiled at once")
-    parser.add_argument("--timeout-s", type=float, default=400.0, help="per step of a case")
+    parser.add_argument("--parallel", type=int, default=3, help="cases run at once")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="the whole run; steps past it are not started")
+    parser.add_argument("--compile-timeout-s", type=float, default=240.0, help="per compile step of a case")
+    parser.add_argument("--load-timeout-s", type=float, default=90.0, help="per fresh-process load step")
     parser.add_argument("--out-dir", default=None, help="write aoti-load-probe.json and the step logs here")
     parser.add_argument("--compile-case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--load-case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--watchdog-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.compile_case:
-        compile_case(args.compile_case, args.device, args.workdir)
-        return 0
-    if args.load_case:
-        load_case(args.load_case, args.device, args.workdir)
+    if args.compile_case or args.load_case:
+        if args.watchdog_s > 0:
+            faulthandler.dump_traceback_later(args.watchdog_s, exit=True)
+        if args.compile_case:
+            compile_case(args.compile_case, args.device, args.workdir)
+        else:
+            load_case(args.load_case, args.device, args.workdir)
         return 0
 
+    import torch
+
+    deadline = time.monotonic() + args.budget_s
     cases = args.cases or [c for c in CASES if args.device == "cuda" or c not in CUDA_ONLY]
     workdir = tempfile.mkdtemp(prefix="aoti_probe_")
-    from concurrent.futures import ThreadPoolExecutor
+    log_dir = args.out_dir or workdir
+    os.makedirs(log_dir, exist_ok=True)
+    payload = {"date": datetime.date.today().isoformat(),
+               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "torch": torch.__version__,
+               "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + list(argv or sys.argv[1:])),
+               "results": []}
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
+    # Results are printed and written as each case ends: the device call may end first.
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        results = list(pool.map(lambda c: probe(c, args.device, workdir, args.timeout_s), cases))
-    for result in results:
-        print(f"{result['case']:20s} compile: {_summary(result['compile'])}", flush=True)
-        print(f"{'':20s} fresh load: {_summary(result.get('fresh_load'))}", flush=True)
-        if result.get("gdb_backtrace"):
-            print(result["gdb_backtrace"])
-    if args.out_dir:
-        import torch
-
-        os.makedirs(args.out_dir, exist_ok=True)
-        for result in results:
-            for step in ("compile", "fresh_load"):
-                if step in result:
-                    path = os.path.join(args.out_dir, f"aoti-probe-{result['case']}-{step}.log")
-                    with open(path, "w") as handle:
-                        handle.write(result[step].pop("output"))
-        payload = {"date": datetime.date.today().isoformat(),
-                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                   "torch": torch.__version__,
-                   "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + list(argv or sys.argv[1:])),
-                   "results": results}
-        with open(os.path.join(args.out_dir, "aoti-load-probe.json"), "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-    ok = all(r["compile"]["returncode"] == 0 and r.get("fresh_load", {}).get("returncode") == 0 for r in results)
+        futures = [pool.submit(probe, case, args.device, workdir, log_dir, deadline,
+                               args.compile_timeout_s, args.load_timeout_s) for case in cases]
+        for future in as_completed(futures):
+            result = future.result()
+            payload["results"].append(result)
+            print(f"{result['case']:20s} compile: {_summary(result.get('compile'))}", flush=True)
+            print(f"{'':20s} fresh load: {_summary(result.get('fresh_load'))}", flush=True)
+            if result.get("gdb_backtrace"):
+                print(result["gdb_backtrace"], flush=True)
+            if args.out_dir:
+                with open(os.path.join(args.out_dir, "aoti-load-probe.json"), "w") as handle:
+                    json.dump(payload, handle, indent=2)
+                    handle.write("\n")
+    results = payload["results"]
+    ok = len(results) == len(cases) and all(
+        r.get("compile", {}).get("returncode") == 0 and r.get("fresh_load", {}).get("returncode") == 0 for r in results
+    )
     return 0 if ok else 1
 
 

@@ -2,6 +2,9 @@
 ``sys.path``, as every script here sets it)."""
 
 import platform
+import subprocess
+import time
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,3 +26,25 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def run_logged(command: Sequence[str], log_path: str, timeout_s: float, env: Optional[Dict[str, str]] = None,
+               cwd: Optional[str] = None) -> Tuple[Optional[int], float, str]:
+    """Run ``command`` with its stdout and stderr streaming to ``log_path``.
+
+    The log is written as the command runs, so a step that hangs or outlives a device call still
+    leaves its output.
+
+    Returns:
+        ``(returncode, seconds, log text)``; ``returncode`` is None when ``timeout_s`` passed.
+    """
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            returncode: Optional[int] = subprocess.run(
+                list(command), stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, env=env, cwd=cwd
+            ).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+    with open(log_path) as log:
+        return returncode, round(time.perf_counter() - start, 1), log.read()

@@ -4,7 +4,7 @@
 # off by default) and the CUDA predict latency (AOTInductor package vs eager, Triton bf16 and
 # FP8 mode 2), each bounded in time and each writing its log under $OUT as it goes. A step
 # whose time budget is 0 is skipped. Usage on the device (repo root, .whl carried):
-#   [TESTS=...] TEST_S=230 FP8_S=130 CACHED_S=45 PROBE_S=0 PREDICT_S=150 bash benchmarks/run_device_suite.sh
+#   [TESTS=...] TEST_S=230 FP8_S=130 CACHED_S=45 PROBE_S=0 [PROBE_CASES=... PROBE_PARALLEL=6] PREDICT_S=150 bash benchmarks/run_device_suite.sh
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -17,7 +17,7 @@ cat "$OUT/device.txt"
 TESTS=${TESTS:-"tests/ops/test_triton_attention.py tests/ops/test_triton_fp8.py tests/ops/test_triton_fp8_quantize.py
   tests/ops/test_delta_attention.py tests/modules/test_kv_cache.py tests/export/test_export_gpu.py
   tests/ops/test_fp8_emulation.py tests/ops/test_fp8_quantize.py tests/ops/test_hstu_attention.py
-  tests/ops/test_jagged.py"}
+  tests/ops/test_jagged.py tests/ops/test_fp8_export.py"}
 if [ "${TEST_S:-230}" -gt 0 ]; then
 # shellcheck disable=SC2086 # TESTS is a list of paths
 timeout "${TEST_S:-230}" python3 -m pytest -m gpu -n "${WORKERS:-12}" -v -p no:cacheprovider -p no:benchmark \
@@ -36,6 +36,7 @@ echo "cached scoring rc=$?"; tail -n 12 "$OUT/cached_scoring.log"
 fi
 if [ "${PROBE_S:-0}" -gt 0 ]; then
 timeout "${PROBE_S}" python3 benchmarks/aoti_load_probe.py --device cuda --out-dir "$OUT/aoti_probe" \
+  --budget-s "$(( PROBE_S - 15 ))" --parallel "${PROBE_PARALLEL:-6}" ${PROBE_CASES:+--cases $PROBE_CASES} \
   > "$OUT/aoti_probe.log" 2>&1
 echo "aoti load probe rc=$?"; tail -n 40 "$OUT/aoti_probe.log"
 fi

@@ -621,16 +621,24 @@ def export_program(
 def default_inductor_configs(device_type: str) -> Dict[str, Any]:
     """The ``torch._inductor.config`` settings :func:`compile_package` starts from.
 
-    On CUDA, compile-time autotuning is turned off: inductor would otherwise benchmark each
+    On every device, the package's C++ library is linked through the compiler wrapper of
+    :func:`torchrec_hstu.aoti_toolchain.link_configs` (``$TORCHREC_HSTU_AOTI_LINK``): with a
+    toolchain that links libstdc++ statically (the H100 machine's), a package linked by inductor's
+    own command crashed when loaded.
+
+    On CUDA, compile-time autotuning is also turned off: inductor would otherwise benchmark each
     generated Triton kernel on synthetic tensors, and a kernel that gathers through a computed
     index (the embedding lookup, the jagged gathers from ``seq_offsets``) then reads a random
     index, trips its ``tl.device_assert`` bounds check and poisons the CUDA context
     (pytorch/pytorch#192143; seen here on an H100 with torch 2.11). With it off, AOTInductor
     autotunes by running the compiled graph once on the program's real example inputs.
     """
+    from torchrec_hstu.aoti_toolchain import link_configs
+
+    configs = link_configs()
     if device_type == "cuda":
-        return {"triton.autotune_at_compile_time": False}
-    return {}
+        configs["triton.autotune_at_compile_time"] = False
+    return configs
 
 
 def compile_package(

@@ -1,5 +1,6 @@
 """The AOTI load probe (benchmarks/aoti_load_probe.py) on CPU: compile, same-process load, and a
-fresh-process load that runs the package and compares with the saved eager output."""
+fresh-process load that runs the package and compares with the saved eager output; and the load
+steps (benchmarks/aoti_load_steps.py) of a package linked through the compiler wrapper."""
 
 import importlib.util
 import json
@@ -30,3 +31,16 @@ def test_probe_reports_the_stage_a_crash_stopped_at():
     output = "noise\nSTAGE started torch x\nSTAGE exported\nFatal Python error: Segmentation fault\n"
     assert probe._last_stage(output) == ("exported", "")
     assert probe._last_stage("no stages") == ("none", "")
+
+
+def test_load_steps_run_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("aoti_load_steps", os.path.join(REPO, "benchmarks", "aoti_load_steps.py"))
+    steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(steps)
+    assert steps.main(["--device", "cpu", "--variants", "exclude_libs", "--steps", "metadata", "runner",
+                       "--out-dir", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "aoti-load-steps.json").read_text())
+    assert "'AOTI_DEVICE_KEY': 'cpu'" in result["metadata"]["last"]
+    assert result["runner"]["last"].endswith("ran: max|package - eager| 0.00e+00")
+    # The package was linked through the wrapper: its link step is in the command-line log.
+    assert "-Wl,--exclude-libs,ALL" in (tmp_path / "exclude_libs-cxx-argv.txt").read_text()

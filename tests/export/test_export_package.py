@@ -7,6 +7,7 @@ with Semi-Local Attention and attention truncation; ``scaling_seqlen = -1``.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -208,8 +209,13 @@ def test_export_cli_refuses_bad_arguments(tmp_path, capsys):
     assert "config not found" in capsys.readouterr().err
 
 
-def test_compile_time_autotuning_is_off_for_cuda_packages_only():
+def test_compile_time_autotuning_is_off_for_cuda_packages_only(monkeypatch):
     # On CUDA, compile-time autotuning feeds synthetic indices to gathering kernels and trips
-    # their bounds asserts (seen on the H100); CPU packages keep inductor's defaults.
-    assert export.default_inductor_configs("cuda") == {"triton.autotune_at_compile_time": False}
-    assert export.default_inductor_configs("cpu") == {}
+    # their bounds asserts (seen on the H100); CPU packages keep inductor's autotuning. Both link
+    # through the compiler wrapper of torchrec_hstu.aoti_toolchain (test_aoti_toolchain.py).
+    monkeypatch.delenv("TORCHREC_HSTU_AOTI_LINK", raising=False)
+    cuda, cpu = export.default_inductor_configs("cuda"), export.default_inductor_configs("cpu")
+    assert cuda.pop("triton.autotune_at_compile_time") is False
+    assert cuda == cpu and set(cpu) == {"cpp.cxx"}
+    (wrapper,) = cpu["cpp.cxx"]
+    assert os.path.basename(wrapper).startswith("exclude_libs-")
