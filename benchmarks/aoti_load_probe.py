@@ -2,10 +2,7 @@
 
 On the H100 (torch 2.11.0+cu130, 2026-11-25) the CUDA package of the two-channel ranking model
 compiled but ``aoti_load_package`` died with a segmentation fault inside the C++ loader, and a
-crash takes the Python process (and any pytest worker) with it. (Its answer, third session: every
-case crashed, ``nn.Linear`` included, so the cause lay below our code; ``aoti_load_steps.py``
-found it, a statically linked libstdc++, fixed in ``torchrec_hstu/aoti_toolchain.py``.) This
-script therefore builds
+crash takes the Python process (and any pytest worker) with it. This script therefore builds
 each case in its own subprocess, from the smallest program to the whole model: one process
 exports, compiles, saves the inputs and the eager output, and loads the package itself (as the
 GPU test does, with torchrec and the CPU-only fbgemm build imported for the ranking models); a
@@ -15,6 +12,10 @@ exit status (``-11``: SIGSEGV; ``None``: timed out), so one device call says whi
 loader cannot take. Step logs stream to ``--out-dir`` as the steps run, a watchdog in each step
 dumps its Python stacks before its timeout, and the JSON is rewritten as each case ends: a first
 device run that printed only at the end timed out after 420 s with nothing to show.
+
+Its answer (H100, third session): every case crashed, ``nn.Linear`` included, so the cause lay
+below our code; ``aoti_load_steps.py`` then found it (a statically linked libstdc++), fixed in
+``torchrec_hstu/aoti_toolchain.py``.
 
 ==================  ======================================================================
 case                program

@@ -123,7 +123,9 @@ def _subprocess(arguments: List[str], log_path: str, timeout_s: float, prefix: S
                 preload: Optional[str] = None, extra_env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     command = list(prefix) + [sys.executable, "-X", "faulthandler", os.path.abspath(__file__)] + arguments
     env = dict(os.environ, TORCH_CPP_LOG_LEVEL="INFO", **(extra_env or {}))
-    if preload:
+    if preload and prefix:  # strace passes it to the traced program only
+        command = list(prefix) + ["-E", f"LD_PRELOAD={preload}"] + command[len(prefix):]
+    elif preload:
         env["LD_PRELOAD"] = preload
     returncode, seconds, output = run_logged(command, log_path, timeout_s, env=env)
     lines = [line.rstrip() for line in output.splitlines() if line.startswith("[")]

@@ -35,6 +35,13 @@ def run_logged(command: Sequence[str], log_path: str, timeout_s: float, env: Opt
     The log is written as the command runs, so a step that hangs or outlives a device call still
     leaves its output.
 
+    Args:
+        command: the program and its arguments.
+        log_path: file for stdout + stderr (overwritten).
+        timeout_s: seconds before the command is killed.
+        env: the environment (default: this process's).
+        cwd: working directory (default: this process's).
+
     Returns:
         ``(returncode, seconds, log text)``; ``returncode`` is None when ``timeout_s`` passed.
     """

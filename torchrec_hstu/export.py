@@ -81,8 +81,10 @@ __all__ = [
     "signature_path_for",
 ]
 
-#: Version of the signature JSON layout.
-SIGNATURE_VERSION = 1
+#: Version of the package format: the signature JSON layout and the op schemas the program calls
+#: (2: ``torchrec_hstu::hstu_fp8_fwd`` records the exported kernel). Older packages are refused
+#: with a "re-export" message.
+SIGNATURE_VERSION = 2
 #: Kinds of models this module exports.
 RETRIEVAL = "retrieval"
 RANKING = "ranking"
@@ -618,8 +620,16 @@ def export_program(
     return program, signature
 
 
-def default_inductor_configs(device_type: str) -> Dict[str, Any]:
+def default_inductor_configs(device_type: str, link: bool = True) -> Dict[str, Any]:
     """The ``torch._inductor.config`` settings :func:`compile_package` starts from.
+
+    Args:
+        device_type: ``"cpu"`` or ``"cuda"``.
+        link: include the link configs below (:func:`compile_package` leaves them out when the
+            caller chooses ``cpp.cxx``).
+
+    Returns:
+        A dict for ``inductor_configs``.
 
     On every device, the package's C++ library is linked through the compiler wrapper of
     :func:`torchrec_hstu.aoti_toolchain.link_configs` (``$TORCHREC_HSTU_AOTI_LINK``): with a
@@ -635,7 +645,7 @@ def default_inductor_configs(device_type: str) -> Dict[str, Any]:
     """
     from torchrec_hstu.aoti_toolchain import link_configs
 
-    configs = link_configs()
+    configs = link_configs() if link else {}
     if device_type == "cuda":
         configs["triton.autotune_at_compile_time"] = False
     return configs
@@ -669,7 +679,10 @@ def compile_package(
         path = torch._inductor.aoti_compile_and_package(
             program,
             package_path=out,
-            inductor_configs={**default_inductor_configs(signature.device), **(inductor_configs or {})},
+            inductor_configs={
+                **default_inductor_configs(signature.device, link="cpp.cxx" not in (inductor_configs or {})),
+                **(inductor_configs or {}),
+            },
         )
     signature.compile_seconds = round(time.perf_counter() - start, 3)
     signature_path = signature_path_for(path)

@@ -1,4 +1,4 @@
-/* A SIGSEGV/SIGABRT handler that writes the native backtrace to stderr, for machines without gdb.
+/* A SIGSEGV/SIGABRT/SIGBUS handler that writes the native backtrace to stderr, for machines without gdb.
  *
  * Built and LD_PRELOADed by benchmarks/aoti_load_steps.py. Its constructor installs the handler
  * before Python starts, so Python's faulthandler (which chains to the previous handler) prints

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -27,28 +28,69 @@ def _executable(path, text):
     return str(path)
 
 
-def test_wrapper_adds_the_link_options_to_link_steps_only(tmp_path, monkeypatch):
-    echo = _executable(tmp_path / "echo-compiler", '#!/bin/sh\necho "$@"\n')
-    wrapper = aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo, directory=str(tmp_path))
-    assert os.path.basename(wrapper).endswith("g++")  # inductor picks GCC flags by this name
+@pytest.fixture
+def echo_compiler(tmp_path):
+    """A "compiler" that prints its arguments one per line, in a folder whose name needs quoting."""
+    folder = tmp_path / "odd $dir `x` \"q\""
+    folder.mkdir()
+    return _executable(folder / "echo-g++", "#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+
+
+def test_wrapper_adds_the_link_options_to_link_steps_only(tmp_path, echo_compiler, monkeypatch):
+    wrapper = aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo_compiler, directory=str(tmp_path))
+    assert os.path.basename(wrapper).endswith("-echo-g++")  # inductor picks GCC flags by this name
     argv_log = tmp_path / "argv.txt"
     monkeypatch.setenv(aoti_toolchain.ENV_ARGV_LOG, str(argv_log))
 
     def run(*args):
-        return subprocess.run([wrapper, *args], capture_output=True, text=True, check=True).stdout.split()
+        return subprocess.run([wrapper, *args], capture_output=True, text=True, check=True).stdout.splitlines()
 
-    assert run("-c", "a b.cpp", "-o", "b.o") == ["-c", "a", "b.cpp", "-o", "b.o"]
+    assert run("-c", "a b.cpp", "-o", "b.o") == ["-c", "a b.cpp", "-o", "b.o"]
     assert run("-x", "c++-header", "h.h", "-o", "h.gch") == ["-x", "c++-header", "h.h", "-o", "h.gch"]
     assert run("x.o", "-shared", "-o", "x.so") == ["x.o", "-shared", "-o", "x.so", "-Wl,--exclude-libs,ALL"]
-    assert len(argv_log.read_text().splitlines()) == 3
-    # Written once per content: a second call returns the same file.
-    assert aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo, directory=str(tmp_path)) == wrapper
+    logged = argv_log.read_text().splitlines()
+    assert len(logged) == 3 and logged[2].endswith("x.o -shared -o x.so -Wl,--exclude-libs,ALL")
 
 
-def test_link_configs_modes(monkeypatch):
+def test_wrapper_is_written_once_and_rewritten_when_changed(tmp_path, echo_compiler):
+    wrapper = aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo_compiler, directory=str(tmp_path))
+    first = os.stat(wrapper)
+    assert aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo_compiler, directory=str(tmp_path)) == wrapper
+    assert os.stat(wrapper).st_ino == first.st_ino  # reused, not rewritten
+    with open(wrapper, "a") as handle:
+        handle.write("echo tampered\n")
+    aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo_compiler, directory=str(tmp_path))
+    with open(wrapper) as handle:
+        assert "tampered" not in handle.read()
+
+
+def test_parallel_writers_get_one_complete_wrapper(tmp_path, echo_compiler):
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(lambda _: aoti_toolchain.compiler_wrapper(
+            "exclude_libs", compiler=echo_compiler, directory=str(tmp_path / "shared")), range(32)))
+    (path,) = paths
+    assert subprocess.run([path, "-shared"], capture_output=True, text=True, check=True).stdout.split() == [
+        "-shared", "-Wl,--exclude-libs,ALL"]
+    assert sorted(os.listdir(tmp_path / "shared")) == [os.path.basename(path)]  # no scratch files left
+
+
+def test_default_folder_must_be_private(tmp_path, monkeypatch, echo_compiler):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(aoti_toolchain.ENV_WRAPPER_DIR, str(shared))
+    with pytest.raises(RuntimeError, match="not writable by others"):
+        aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo_compiler)
+    shared.chmod(0o700)
+    assert os.path.dirname(aoti_toolchain.compiler_wrapper("exclude_libs", compiler=echo_compiler)) == str(shared)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None, reason="Linux + g++")
+def test_link_configs_modes(tmp_path, monkeypatch):
+    monkeypatch.setenv(aoti_toolchain.ENV_WRAPPER_DIR, str(tmp_path))
     monkeypatch.delenv(aoti_toolchain.ENV_LINK_MODE, raising=False)
     (wrapper,) = aoti_toolchain.link_configs()["cpp.cxx"]
-    assert os.access(wrapper, os.X_OK)
+    assert os.path.dirname(wrapper) == str(tmp_path) and os.access(wrapper, os.X_OK)
     assert aoti_toolchain.link_configs("torch") == {}
     monkeypatch.setenv(aoti_toolchain.ENV_LINK_MODE, "torch")
     assert aoti_toolchain.link_configs() == {}
@@ -59,6 +101,17 @@ def test_link_configs_modes(monkeypatch):
         aoti_toolchain.link_configs()
     with pytest.raises(ValueError, match="mode must be one of"):
         aoti_toolchain.compiler_wrapper("torch")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None, reason="Linux + g++")
+def test_a_wrapper_that_cannot_run_is_not_used(tmp_path, monkeypatch, caplog):
+    # A noexec folder behaves like this: the file is there but cannot be executed.
+    monkeypatch.setenv(aoti_toolchain.ENV_WRAPPER_DIR, str(tmp_path))
+    monkeypatch.setattr(aoti_toolchain.os, "chmod", lambda path, mode: None)
+    monkeypatch.setattr(aoti_toolchain, "_checked", {})
+    with caplog.at_level("WARNING", logger=aoti_toolchain.__name__):
+        assert aoti_toolchain.link_configs("exclude_libs") == {}
+    assert "cannot run" in caplog.text and aoti_toolchain.ENV_WRAPPER_DIR in caplog.text
 
 
 def _static_libstdcxx_available():
@@ -95,6 +148,7 @@ _LOAD_AND_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _static_libstdcxx_available(), reason="needs g++ and a static libstdc++ (libstdc++.a)")
 def test_static_libstdcxx_package_loads_only_with_the_wrapper(tmp_path):
     gxx = shutil.which("g++")
@@ -123,6 +177,7 @@ def test_static_libstdcxx_package_loads_only_with_the_wrapper(tmp_path):
         results[name] = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, package], env=env,
                                        capture_output=True, text=True, timeout=300)
     broken, fixed = results["inductor_command"], results["wrapped"]
-    assert broken.returncode != 0, "a package with an exported static libstdc++ loaded: the hazard is gone here"
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert "max_abs_diff 0.0" in fixed.stdout
+    if broken.returncode == 0:  # depends on the machine's libstdc++; fails to load here and on the H100
+        pytest.xfail("this libstdc++ tolerates two copies in one process: the hazard does not show here")

@@ -84,6 +84,26 @@ def fp8_hstu_attention(
         from torchrec_hstu.ops.fp8.export_op import call_hstu_fp8_fwd
 
         return call_hstu_fp8_fwd(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, kernel)
+    return run_fp8_kernel(kernel, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
+
+
+def run_fp8_kernel(
+    kernel: HSTUKernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    options: AttentionOptions,
+    num_targets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Run FP8 attention on exactly ``kernel`` (resolved, not AUTO), checking its arch gate.
+
+    The eager half of :func:`fp8_hstu_attention`, also the CUDA implementation of the export op
+    (so it has no export branch). Raises where ``kernel`` cannot run this mode on this device.
+    """
+    mode = options.fp8_quant_mode
     if kernel == HSTUKernel.PYTORCH:
         check_fp8_support(kernel, mode, q.shape[2], v.shape[2], q.device)
         from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
@@ -111,3 +131,4 @@ def fp8_hstu_attention(
             )
         return out
     raise ValueError(f"unsupported kernel {kernel!r}")
+

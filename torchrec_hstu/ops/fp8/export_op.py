@@ -14,11 +14,10 @@ The op carries the kernel the model was exported with (``kernel``: the resolved
 :class:`~torchrec_hstu.ops.common.HSTUKernel` name). Implementations (notes decisions 4 and 8):
 on CPU (and any non-CUDA device) every kernel's FP8 definition is computed by the exact
 emulation, so a model exported for a GPU kernel still runs on a CPU; on CUDA the op runs exactly
-the recorded kernel through the eager dispatcher
-:func:`~torchrec_hstu.ops.fp8.dispatch.fp8_hstu_attention` (PYTORCH -> the emulation, TRITON ->
-the Triton FP8 kernel, CUTLASS -> the wheel) and, where that kernel cannot run (no Triton, no
-wheel, a GPU below its FP8 gate), raises the dispatcher's error naming kernel and mode instead of
-falling back to another kernel. The choice is logged once per device.
+the recorded kernel through :func:`~torchrec_hstu.ops.fp8.dispatch.run_fp8_kernel`, the eager
+half of the dispatcher (PYTORCH -> the emulation, TRITON -> the Triton FP8 kernel, CUTLASS ->
+the wheel) and, where that kernel cannot run (no Triton, no wheel, a GPU below its FP8 gate),
+raises the dispatcher's error naming kernel and mode instead of falling back to another kernel. The choice is logged once per device.
 """
 
 import logging
@@ -133,14 +132,15 @@ def _hstu_fp8_fwd_cuda(
     sla_k2: int,
     kernel: str,
 ) -> torch.Tensor:
-    from torchrec_hstu.ops.fp8.dispatch import fp8_hstu_attention
+    """CUDA implementation: exactly the exported ``kernel``, or the error saying why it cannot run."""
+    from torchrec_hstu.ops.fp8.dispatch import run_fp8_kernel
 
     options = _options(
         scaling_seqlen, fp8_quant_mode, causal, max_attn_len, contextual_seq_len,
         min_full_attn_seq_len, sla_k1, sla_k2,
     )
     with torch.no_grad():
-        out = fp8_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, kernel=kernel)
+        out = run_fp8_kernel(to_kernel(kernel), q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
     _log_choice(q.device, f"the {kernel} kernel")
     return out
 
