@@ -75,12 +75,13 @@ def compile_variant(variant: str, device: str, package: str) -> None:
     _log("compiled")
 
 
-def _extract(package: str) -> str:
+def _model_libraries(package: str) -> List[str]:
+    """Extract ``package`` (once) and return the shared libraries in it (a model has one)."""
     target = package + ".extracted"
     if not os.path.isdir(target):
         with zipfile.ZipFile(package) as archive:
             archive.extractall(target)
-    return target
+    return glob.glob(os.path.join(target, "**", "*.so"), recursive=True)
 
 
 def run_step(step: str, device: str, package: str) -> None:
@@ -100,8 +101,7 @@ def run_step(step: str, device: str, package: str) -> None:
         _log("loaded")
         got = runner(saved["x"].to(device))
     else:
-        extracted = _extract(package)
-        (library,) = glob.glob(os.path.join(extracted, "**", "*.so"), recursive=True)
+        (library,) = _model_libraries(package)
         if step == "dlopen":
             import ctypes
 
@@ -165,8 +165,8 @@ def diagnose(variant: str, device: str, workdir: str, out_dir: str, step_timeout
         return result
     with zipfile.ZipFile(package) as archive:
         result["archive"] = [f"{info.filename} {info.file_size}" for info in archive.infolist()]
-    library = glob.glob(os.path.join(_extract(package), "**", "*.so"), recursive=True)
-    result["ldd"] = _shell(["ldd"] + library) if library else "no .so in the archive"
+    libraries = _model_libraries(package)
+    result["ldd"] = _shell(["ldd"] + libraries) if libraries else "no .so in the archive"
     for step in steps:
         prefix: List[str] = []
         if step == "package" and shutil.which("strace"):

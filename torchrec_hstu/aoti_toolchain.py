@@ -54,7 +54,7 @@ _checked: Dict[str, bool] = {}
 def _script(compiler: str, link_options: List[str]) -> str:
     # The options go to link steps only (``-shared``): gcc counts ``-Wl,`` options as linker
     # inputs, so on a header precompile or a ``-c`` call they would turn it into a link.
-    options = " ".join(link_options)
+    options = " ".join(shlex.quote(option) for option in link_options)
     return f"""#!/bin/sh
 # Written by torchrec_hstu.aoti_toolchain: runs the compiler below for inductor and adds
 # {options} to link steps, so a statically linked libstdc++ stays private to the library.
@@ -66,7 +66,7 @@ done
 if [ -n "${{{ENV_ARGV_LOG}:-}}" ]; then
   if [ -n "$link" ]; then printf '%s\\n' "$compiler $* {options}"; else printf '%s\\n' "$compiler $*"; fi >> "${ENV_ARGV_LOG}"
 fi
-if [ -n "$link" ]; then exec "$compiler" "$@" {" ".join(shlex.quote(o) for o in link_options)}; fi
+if [ -n "$link" ]; then exec "$compiler" "$@" {options}; fi
 exec "$compiler" "$@"
 """
 

@@ -623,14 +623,6 @@ def export_program(
 def default_inductor_configs(device_type: str, link: bool = True) -> Dict[str, Any]:
     """The ``torch._inductor.config`` settings :func:`compile_package` starts from.
 
-    Args:
-        device_type: ``"cpu"`` or ``"cuda"``.
-        link: include the link configs below (:func:`compile_package` leaves them out when the
-            caller chooses ``cpp.cxx``).
-
-    Returns:
-        A dict for ``inductor_configs``.
-
     On every device, the package's C++ library is linked through the compiler wrapper of
     :func:`torchrec_hstu.aoti_toolchain.link_configs` (``$TORCHREC_HSTU_AOTI_LINK``): with a
     toolchain that links libstdc++ statically (the H100 machine's), a package linked by inductor's
@@ -642,6 +634,14 @@ def default_inductor_configs(device_type: str, link: bool = True) -> Dict[str, A
     index, trips its ``tl.device_assert`` bounds check and poisons the CUDA context
     (pytorch/pytorch#192143; seen here on an H100 with torch 2.11). With it off, AOTInductor
     autotunes by running the compiled graph once on the program's real example inputs.
+
+    Args:
+        device_type: ``"cpu"`` or ``"cuda"``.
+        link: include the link configs above (:func:`compile_package` leaves them out when the
+            caller chooses ``cpp.cxx``).
+
+    Returns:
+        A dict for ``inductor_configs``.
     """
     from torchrec_hstu.aoti_toolchain import link_configs
 

@@ -131,4 +131,3 @@ def run_fp8_kernel(
             )
         return out
     raise ValueError(f"unsupported kernel {kernel!r}")
-

@@ -17,7 +17,8 @@ emulation, so a model exported for a GPU kernel still runs on a CPU; on CUDA the
 the recorded kernel through :func:`~torchrec_hstu.ops.fp8.dispatch.run_fp8_kernel`, the eager
 half of the dispatcher (PYTORCH -> the emulation, TRITON -> the Triton FP8 kernel, CUTLASS ->
 the wheel) and, where that kernel cannot run (no Triton, no wheel, a GPU below its FP8 gate),
-raises the dispatcher's error naming kernel and mode instead of falling back to another kernel. The choice is logged once per device.
+raises the dispatcher's error naming kernel and mode instead of falling back to another kernel.
+The choice is logged once per device.
 """
 
 import logging
