@@ -13,9 +13,6 @@
 
 import math
 import os
-import subprocess
-import sys
-import textwrap
 from typing import List, Optional, Tuple
 
 import pytest
@@ -24,14 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.ops.test_fp8_emulation import oracle_fp8_forward_head, oracle_quantize
+from tests.ops.triton_interpreter import run_in_interpreter
 from tests.strategies import gr_mask_rule, jagged_batches, oracle_attention, sla_mask_rule
 from torchrec_hstu.ops.common import AttentionOptions
 from torchrec_hstu.ops.delta_attention import delta_hstu_attention, delta_hstu_mha
 from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
 from torchrec_hstu.ops.pytorch.delta_attention import fp8_delta_hstu_attention_emulated
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -301,18 +297,8 @@ def test_triton_on_cpu_tensors_is_refused():
 
 
 # ----------------------------------------------------------------------------- Triton (interpreter)
-_INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import triton.runtime.interpreter as interpreter
-
-    # Triton 3.6's interpreter converts loop bounds with int(ndarray), which numpy >= 2.4
-    # refuses for 1-element arrays; read the element instead.
-    _patch = interpreter._patch_lang_tensor
-    def _patched(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interpreter._patch_lang_tensor = _patched
+_INTERPRETER_SCRIPT = """
+    import json
 
     import torch
     from torchrec_hstu.ops.common import AttentionOptions
@@ -349,20 +335,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             errors[f"fp8_mode{mode}"] = float((got - want).abs().max() / want.abs().max())
     print(json.dumps(errors))
     """
-)
 
 
 def test_triton_kernels_in_interpreter(tmp_path):
     """The Triton delta kernels (fp32 and every FP8 mode) in Triton's CPU interpreter."""
     pytest.importorskip("triton")
-    script = tmp_path / "delta_interpreter.py"
-    script.write_text(_INTERPRETER_SCRIPT)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = run_in_interpreter(_INTERPRETER_SCRIPT, tmp_path)
     assert len(errors) == 10
     for name, err in errors.items():
         assert err < 1e-5, f"{name}: max error {err:.2e} of max|ref|"

@@ -261,6 +261,46 @@ def bwd_tile_ranges(n0, n, T, c, W, M, sla_k1, K2, MASK_MODE: tl.constexpr,
 
 
 @triton.jit
+def tile_segment(SEGMENT: tl.constexpr, ta0, ta1, tb0, ti0, ti1, tb1):
+    """Bounds ``(lo, hi)`` of one of the four tile ranges of :func:`fwd_tile_ranges` and
+    :func:`bwd_tile_ranges`, in order: 0 the masked range ``A``, 1 the masked head of ``B``, 2
+    its interior (no mask), 3 its masked tail. Kernels walk them with ``tl.static_range(4)``, so
+    each segment compiles to its own loop and ``SEGMENT != 2`` is the tile's ``MASKED``."""
+    if SEGMENT == 0:
+        lo = ta0
+        hi = ta1
+    elif SEGMENT == 1:
+        lo = tb0
+        hi = ti0
+    elif SEGMENT == 2:
+        lo = ti0
+        hi = ti1
+    else:
+        lo = ti1
+        hi = tb1
+    return lo, hi
+
+
+@triton.jit
+def seq_span(offsets, b):
+    """``(start, length)`` of jagged row ``b`` of ``offsets``: the start as int64 (it scales
+    strides into pointer offsets), the length as int32."""
+    start = tl.load(offsets + b).to(tl.int64)
+    length = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    return start, length
+
+
+@triton.jit
+def seq_num_targets(num_targets, b, HAS_TARGETS: tl.constexpr):
+    """Targets of sequence ``b`` (0 without ``num_targets``)."""
+    if HAS_TARGETS:
+        T = tl.load(num_targets + b).to(tl.int32)
+    else:
+        T = 0
+    return T
+
+
+@triton.jit
 def to_e4m3_saturated(x, INTERPRET: tl.constexpr):
     """Saturating round-to-nearest-even cast of float32 ``x`` to float8_e4m3fn.
 

@@ -5,12 +5,13 @@ Symbols: ``B`` batch, ``L`` total key tokens, ``L'`` total delta tokens, ``H`` h
 key position ``p = n_b - d_b + i`` (``seq_offsets``); the result is row ``p`` of the full
 attention (see :mod:`torchrec_hstu.ops.delta_attention`).
 
-One program per (delta block of ``BLOCK_M`` rows, sequence, head). It is the full forward
-kernel's loop (:mod:`torchrec_hstu.ops.triton.hstu_attention`, :mod:`.fp8_attention`) with the
-query block placed at position ``p0 = n_b - d_b + i0`` instead of ``i0``: the same tile
-function, the same mask predicate (:func:`~torchrec_hstu.ops.triton._common.valid_mask`) and
-the same key-tile ranges (:func:`~torchrec_hstu.ops.triton._common.fwd_tile_ranges`, which
-take any block start), so masked key tiles are skipped and interior ones run unmasked.
+One program per (delta block of ``BLOCK_M`` rows, sequence, head). It runs the full forward
+kernel's query-block loop (``_fwd_query_block`` of :mod:`torchrec_hstu.ops.triton.hstu_attention`,
+``_fp8_fwd_query_block`` of :mod:`.fp8_attention`) with the block placed at position
+``p0 = n_b - d_b + i0`` instead of ``i0``: the same tiles, mask predicate
+(:func:`~torchrec_hstu.ops.triton._common.valid_mask`) and key-tile ranges
+(:func:`~torchrec_hstu.ops.triton._common.fwd_tile_ranges`, which take any block start), so
+masked key tiles are skipped and interior ones run unmasked.
 
 FP8 follows the emulation's "delta-q" rule: ``delta_q`` is quantized with ``delta_offsets``
 (mode-2 q blocks and the 16-row P-scale groups start at the first delta row), ``k``/``v`` with
@@ -27,10 +28,10 @@ import triton
 import triton.language as tl
 
 from torchrec_hstu.ops.common import AttentionOptions
-from torchrec_hstu.ops.triton._common import fwd_tile_ranges, interpret_mode
+from torchrec_hstu.ops.triton._common import interpret_mode, seq_num_targets, seq_span
 from torchrec_hstu.ops.triton.fp8_attention import (
     _fp8_block_dim,
-    _fp8_fwd_tile,
+    _fp8_fwd_query_block,
     _max_imprecise,
     _row_strides,
     _transposed,
@@ -40,7 +41,7 @@ from torchrec_hstu.ops.triton.hstu_attention import (
     KernelConfig,
     _block_dim,
     _fast_silu,
-    _fwd_tile,
+    _fwd_query_block,
     _input_precision,
     _last_dim_contiguous,
     _mask_args,
@@ -51,6 +52,22 @@ from torchrec_hstu.ops.triton.hstu_attention import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@triton.jit
+def _delta_rows(seq_offsets, delta_offsets, num_targets, H, BLOCK_M: tl.constexpr,
+                HAS_TARGETS: tl.constexpr):
+    """This program's head and delta rows: ``(h, start, n, q_start, d, i0, m0, T)``, with
+    ``start, n`` the sequence's keys, ``q_start, d`` its delta rows, ``i0`` the program's first
+    delta row and ``m0 = n - d + i0`` that row's position in the sequence."""
+    pid_bh = tl.program_id(0)
+    i0 = tl.program_id(1) * BLOCK_M
+    b = pid_bh // H
+    h = pid_bh % H
+    start, n = seq_span(seq_offsets, b)
+    q_start, d = seq_span(delta_offsets, b)
+    T = seq_num_targets(num_targets, b, HAS_TARGETS)
+    return h, start, n, q_start, d, i0, n - d + i0, T
 
 
 @triton.jit
@@ -65,55 +82,21 @@ def _delta_fwd_kernel(
     MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, FAST_SILU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    i0 = tl.program_id(1) * BLOCK_M
-    b = pid_bh // H
-    h = pid_bh % H
-    start = tl.load(seq_offsets + b).to(tl.int64)
-    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
-    q_start = tl.load(delta_offsets + b).to(tl.int64)
-    d = (tl.load(delta_offsets + b + 1) - q_start).to(tl.int32)
+    h, start, n, q_start, d, i0, m0, T = _delta_rows(seq_offsets, delta_offsets, num_targets, H,
+                                                     BLOCK_M, HAS_TARGETS)
     if i0 >= d:
         return
-    if HAS_TARGETS:
-        T = tl.load(num_targets + b).to(tl.int32)
-    else:
-        T = 0
-    m0 = n - d + i0
     offs_i = i0 + tl.arange(0, BLOCK_M)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_in = offs_i < d
+    # Rows past d hold q = 0, so they add silu(0) = 0 in the unmasked interior tiles.
     q = tl.load(Q + q_start * stride_qm + h * stride_qh + offs_i[:, None] * stride_qm + offs_dqk[None, :],
                 mask=row_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
-    v_ptrs = V + start * stride_vm + h * stride_vh + offs_n[:, None] * stride_vm + offs_dv[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
-        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
-    # Rows past d hold q = 0, so they add silu(0) = 0 in the unmasked interior tiles.
-    for j0 in range(ta0, ta1, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                        FAST_SILU, INPUT_PRECISION)
-    for j0 in range(tb0, ti0, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                        FAST_SILU, INPUT_PRECISION)
-    for j0 in range(ti0, ti1, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, False,
-                        FAST_SILU, INPUT_PRECISION)
-    for j0 in range(ti1, tb1, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                        FAST_SILU, INPUT_PRECISION)
+    acc = _fwd_query_block(q, K, V, start, h, stride_km, stride_kh, stride_vm, stride_vh, m0, n,
+                           T, c, W, M, sla_k1, K2, half_alpha, half_alpha_scale, DQK, DV,
+                           BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_MODE, FAST_SILU,
+                           INPUT_PRECISION)
     o_ptrs = Out + q_start * stride_om + h * stride_oh + offs_i[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_in[:, None] & (offs_dv[None, :] < DV))
 
@@ -131,57 +114,22 @@ def _fp8_delta_fwd_kernel(
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
     INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    i0 = tl.program_id(1) * BLOCK_M
-    b = pid_bh // H
-    h = pid_bh % H
-    start = tl.load(seq_offsets + b).to(tl.int64)
-    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
-    q_start = tl.load(delta_offsets + b).to(tl.int64)
-    d = (tl.load(delta_offsets + b + 1) - q_start).to(tl.int32)
+    h, start, n, q_start, d, i0, m0, T = _delta_rows(seq_offsets, delta_offsets, num_targets, H,
+                                                     BLOCK_M, HAS_TARGETS)
     if i0 >= d:
         return
-    if HAS_TARGETS:
-        T = tl.load(num_targets + b).to(tl.int32)
-    else:
-        T = 0
-    m0 = n - d + i0
     offs_i = i0 + tl.arange(0, BLOCK_M)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_in = offs_i < d
     q = tl.load(Q + q_start * stride_qm + h * stride_qh + offs_i[:, None] * stride_qm + offs_dqk[None, :],
                 mask=row_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
     qd = tl.load(QD + q_start * stride_qdm + h * stride_qdh + offs_i * stride_qdm, mask=row_in, other=1.0)
-    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
-    kd_ptrs = KD + start * stride_kdm + h * stride_kdh + offs_n * stride_kdm
-    vt_ptrs = VT + h * stride_vth + start + offs_dv[:, None] * stride_vtd + offs_n[None, :]
-    vd_ptrs = VD + start * stride_vdm + h * stride_vdh
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
-        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
-    for j0 in range(ta0, ta1, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for j0 in range(tb0, ti0, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for j0 in range(ti0, ti1, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, False, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for j0 in range(ti1, tb1, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
+    acc = _fp8_fwd_query_block(
+        q, qd, K, KD, VT, VD, start, h, stride_km, stride_kh, stride_kdm, stride_kdh, stride_vth,
+        stride_vtd, stride_vdm, stride_vdh, stride_vdd, m0, n, T, c, W, M, sla_k1, K2, alpha,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, P_ROWS, QUANT_MODE, MASK_MODE, INTERPRET,
+        MAX_IMPRECISE, MAX_IMPRECISE_S)
     o_ptrs = Out + q_start * stride_om + h * stride_oh + offs_i[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, (acc * out_scale).to(Out.dtype.element_ty),
              mask=row_in[:, None] & (offs_dv[None, :] < DV))

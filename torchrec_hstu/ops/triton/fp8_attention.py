@@ -38,17 +38,23 @@ from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
     fwd_tile_ranges,
     interpret_mode,
+    seq_num_targets,
+    seq_span,
+    tile_segment,
     to_e4m3_saturated,
     valid_mask,
 )
 from torchrec_hstu.ops.triton.hstu_attention import (
     KernelConfig,
+    _backward_runner,
     _block_dim,
+    _grad_buffers,
     _mask_args,
     _MaskArgs,
     _seq_class,
     check_triton_inputs,
     choose_config,
+    register_attention_autograd,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,6 +144,40 @@ def _fp8_fwd_tile(
 
 
 @triton.jit
+def _fp8_fwd_query_block(
+    q, qd, K, KD, VT, VD, start, h, stride_km, stride_kh, stride_kdm, stride_kdh, stride_vth,
+    stride_vtd, stride_vdm, stride_vdh, stride_vdd, m0, n, T, c, W, M, sla_k1, K2, alpha,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_ROWS: tl.constexpr,
+    QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_DV]`` fp32 output (before ``1 / scaling_seqlen``) of the loaded fp8
+    query rows ``q`` (descales ``qd``) at positions ``m0 .. m0 + BLOCK_M`` of the sequence, head
+    ``h``: every key tile the mask can reach. Shared by the full and the delta kernel."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
+    kd_ptrs = KD + start * stride_kdm + h * stride_kdh + offs_n * stride_kdm
+    vt_ptrs = VT + h * stride_vth + start + offs_dv[:, None] * stride_vtd + offs_n[None, :]
+    vd_ptrs = VD + start * stride_vdm + h * stride_vdh
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
+        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
+    for SEGMENT in tl.static_range(4):
+        lo, hi = tile_segment(SEGMENT, ta0, ta1, tb0, ti0, ti1, tb1)
+        for j0 in range(lo, hi, BLOCK_N):
+            acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
+                                offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd,
+                                n, T, c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK,
+                                BLOCK_DV, P_ROWS, QUANT_MODE, MASK_MODE, SEGMENT != 2, INTERPRET,
+                                MAX_IMPRECISE, MAX_IMPRECISE_S)
+    return acc
+
+
+@triton.jit
 def _fp8_fwd_kernel(
     Q, QD, K, KD, VT, VD, Out, seq_offsets, num_targets,
     stride_qm, stride_qh, stride_qdm, stride_qdh, stride_km, stride_kh, stride_kdm, stride_kdh,
@@ -154,17 +194,12 @@ def _fp8_fwd_kernel(
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    start = tl.load(seq_offsets + b).to(tl.int64)
-    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    start, n = seq_span(seq_offsets, b)
     m0 = m_block * BLOCK_M
     if m0 >= n:
         return
-    if HAS_TARGETS:
-        T = tl.load(num_targets + b).to(tl.int32)
-    else:
-        T = 0
+    T = seq_num_targets(num_targets, b, HAS_TARGETS)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_in = offs_m < n
@@ -172,33 +207,11 @@ def _fp8_fwd_kernel(
                 + offs_dqk[None, :], mask=row_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
     qd = tl.load(QD + start * stride_qdm + h * stride_qdh + offs_m * stride_qdm, mask=row_in,
                  other=1.0)
-    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
-    kd_ptrs = KD + start * stride_kdm + h * stride_kdh + offs_n * stride_kdm
-    vt_ptrs = VT + h * stride_vth + start + offs_dv[:, None] * stride_vtd + offs_n[None, :]
-    vd_ptrs = VD + start * stride_vdm + h * stride_vdh
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
-        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
-    for j0 in range(ta0, ta1, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for j0 in range(tb0, ti0, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for j0 in range(ti0, ti1, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, False, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for j0 in range(ti1, tb1, BLOCK_N):
-        acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                            offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd, n, T,
-                            c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK, BLOCK_DV,
-                            P_ROWS, QUANT_MODE, MASK_MODE, True, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
+    acc = _fp8_fwd_query_block(
+        q, qd, K, KD, VT, VD, start, h, stride_km, stride_kh, stride_kdm, stride_kdh, stride_vth,
+        stride_vtd, stride_vdm, stride_vdh, stride_vdd, m0, n, T, c, W, M, sla_k1, K2, alpha,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, P_ROWS, QUANT_MODE, MASK_MODE, INTERPRET,
+        MAX_IMPRECISE, MAX_IMPRECISE_S)
     o_ptrs = Out + start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, (acc * out_scale).to(Out.dtype.element_ty),
              mask=row_in[:, None] & (offs_dv[None, :] < DV))
@@ -303,15 +316,11 @@ def _fp8_bwd_kernel(
     n_block = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    start = tl.load(seq_offsets + b).to(tl.int64)
-    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    start, n = seq_span(seq_offsets, b)
     n0 = n_block * BLOCK_N
     if n0 >= n:
         return
-    if HAS_TARGETS:
-        T = tl.load(num_targets + b).to(tl.int32)
-    else:
-        T = 0
+    T = seq_num_targets(num_targets, b, HAS_TARGETS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, BLOCK_DQK)
@@ -354,38 +363,16 @@ def _fp8_bwd_kernel(
     dq_ptrs = DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :]
     ta0, ta1, tb0, ti0, ti1, tb1 = bwd_tile_ranges(
         n0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
-    for m0 in range(ta0, ta1, BLOCK_M):
-        dk, dv = _fp8_bwd_tile(
-            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
-            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
-            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
-            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
-            MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for m0 in range(tb0, ti0, BLOCK_M):
-        dk, dv = _fp8_bwd_tile(
-            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
-            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
-            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
-            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
-            MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for m0 in range(ti0, ti1, BLOCK_M):
-        dk, dv = _fp8_bwd_tile(
-            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
-            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
-            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
-            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, False, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
-            MAX_IMPRECISE, MAX_IMPRECISE_S)
-    for m0 in range(ti1, tb1, BLOCK_M):
-        dk, dv = _fp8_bwd_tile(
-            dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
-            qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
-            stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
-            stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
-            DQK, DV_DIM, QUANT_MODE, MASK_MODE, True, COMPUTE_DV, COMPUTE_DKDQ, INTERPRET,
-            MAX_IMPRECISE, MAX_IMPRECISE_S)
+    for SEGMENT in tl.static_range(4):
+        lo, hi = tile_segment(SEGMENT, ta0, ta1, tb0, ti0, ti1, tb1)
+        for m0 in range(lo, hi, BLOCK_M):
+            dk, dv = _fp8_bwd_tile(
+                dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
+                qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
+                stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
+                stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
+                DQK, DV_DIM, QUANT_MODE, MASK_MODE, SEGMENT != 2, COMPUTE_DV, COMPUTE_DKDQ,
+                INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     if COMPUTE_DKDQ:
         tl.store(DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm
                  + offs_dqk[None, :], (dk * dk_scale).to(DK.dtype.element_ty),
@@ -540,9 +527,7 @@ def fp8_bwd(
     total, num_heads, dqk = q.shape
     dv_dim = v.shape[2]
     batch = seq_offsets.numel() - 1
-    dk = torch.empty((total, num_heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.empty((total, num_heads, dv_dim), dtype=q.dtype, device=q.device)
-    dq_acc = torch.zeros((total, num_heads, dqk), dtype=torch.float32, device=q.device)
+    dq_acc, dk, dv = _grad_buffers(q, v)
     if total == 0 or batch == 0:
         return dq_acc.to(q.dtype), dk.zero_(), dv.zero_()
     tiles = FP8TileSizes.for_head_dim(max(dqk, dv_dim))
@@ -591,14 +576,7 @@ def fp8_bwd(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    def run(cfg: KernelConfig) -> None:
-        dq_acc.zero_()
-        if cfg.split_bwd:
-            launch(cfg, True, False)
-            launch(cfg, False, True)
-        else:
-            launch(cfg, True, True)
-
+    run = _backward_runner(launch, dq_acc)
     if config is None:
         key = ("fp8_bwd", mode, fp8_accumulation, q.dtype, block_dqk, block_dv, mask.mode,
                _seq_class(max_seq_len))
@@ -680,22 +658,7 @@ def _(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_a
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_NUM_FWD_ARGS = 16
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, seq_offsets, num_targets = inputs[:5]
-    ctx.save_for_backward(q, k, v, seq_offsets, num_targets)
-    ctx.params = inputs[5:]
-
-
-def _backward(ctx, dout):
-    q, k, v, seq_offsets, num_targets = ctx.saved_tensors
-    dq, dk, dv = triton_hstu_fp8_attention_bwd(dout, q, k, v, seq_offsets, num_targets, *ctx.params)
-    return (dq, dk, dv) + (None,) * (_NUM_FWD_ARGS - 3)
-
-
-triton_hstu_fp8_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(triton_hstu_fp8_attention_fwd, triton_hstu_fp8_attention_bwd)
 
 
 def triton_fp8_hstu_attention(

@@ -24,7 +24,7 @@ see one opaque op per direction.
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -36,8 +36,11 @@ from torchrec_hstu.ops.triton._common import (
     fwd_tile_ranges,
     interpret_mode,
     mask_mode,
+    seq_num_targets,
+    seq_span,
     silu_and_sigmoid,
     silu_scaled,
+    tile_segment,
     valid_mask,
 )
 
@@ -83,6 +86,36 @@ def _fwd_tile(
 
 
 @triton.jit
+def _fwd_query_block(
+    q, K, V, start, h, stride_km, stride_kh, stride_vm, stride_vh, m0, n, T, c, W, M, sla_k1, K2,
+    half_alpha, half_alpha_scale,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr,
+    FAST_SILU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_DV]`` fp32 output of the loaded query rows ``q`` at positions
+    ``m0 .. m0 + BLOCK_M`` of the sequence (``start``, ``n``, ``T``), head ``h``: every key tile
+    the mask can reach, interior tiles unmasked. Shared by the full and the delta kernel."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
+    v_ptrs = V + start * stride_vm + h * stride_vh + offs_n[:, None] * stride_vm + offs_dv[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
+        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
+    for SEGMENT in tl.static_range(4):
+        lo, hi = tile_segment(SEGMENT, ta0, ta1, tb0, ti0, ti1, tb1)
+        for j0 in range(lo, hi, BLOCK_N):
+            acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
+                            stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
+                            half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE,
+                            SEGMENT != 2, FAST_SILU, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _hstu_fwd_kernel(
     Q, K, V, Out, seq_offsets, num_targets,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
@@ -99,46 +132,20 @@ def _hstu_fwd_kernel(
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    start = tl.load(seq_offsets + b).to(tl.int64)
-    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    start, n = seq_span(seq_offsets, b)
     m0 = m_block * BLOCK_M
     if m0 >= n:
         return
-    if HAS_TARGETS:
-        T = tl.load(num_targets + b).to(tl.int32)
-    else:
-        T = 0
+    T = seq_num_targets(num_targets, b, HAS_TARGETS)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < n) & (offs_dqk[None, :] < DQK), other=0.0)
-    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
-    v_ptrs = V + start * stride_vm + h * stride_vh + offs_n[:, None] * stride_vm + offs_dv[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
-        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
-    for j0 in range(ta0, ta1, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                        FAST_SILU, INPUT_PRECISION)
-    for j0 in range(tb0, ti0, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                        FAST_SILU, INPUT_PRECISION)
-    for j0 in range(ti0, ti1, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, False,
-                        FAST_SILU, INPUT_PRECISION)
-    for j0 in range(ti1, tb1, BLOCK_N):
-        acc = _fwd_tile(acc, q, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-                        stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha,
-                        half_alpha_scale, DQK, DV, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                        FAST_SILU, INPUT_PRECISION)
+    acc = _fwd_query_block(q, K, V, start, h, stride_km, stride_kh, stride_vm, stride_vh, m0, n,
+                           T, c, W, M, sla_k1, K2, half_alpha, half_alpha_scale, DQK, DV,
+                           BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_MODE, FAST_SILU,
+                           INPUT_PRECISION)
     o_ptrs = Out + start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < n) & (offs_dv[None, :] < DV))
@@ -211,15 +218,11 @@ def _hstu_bwd_kernel(
     n_block = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    start = tl.load(seq_offsets + b).to(tl.int64)
-    n = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    start, n = seq_span(seq_offsets, b)
     n0 = n_block * BLOCK_N
     if n0 >= n:
         return
-    if HAS_TARGETS:
-        T = tl.load(num_targets + b).to(tl.int32)
-    else:
-        T = 0
+    T = seq_num_targets(num_targets, b, HAS_TARGETS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, BLOCK_DQK)
@@ -245,26 +248,14 @@ def _hstu_bwd_kernel(
         n0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
     # The column mask (keys >= n) is part of valid_mask; interior tiles only exist for full
     # key blocks' rows after them, where every key is < n.
-    for m0 in range(ta0, ta1, BLOCK_M):
-        dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
-                           offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
-                           K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
-    for m0 in range(tb0, ti0, BLOCK_M):
-        dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
-                           offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
-                           K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
-    for m0 in range(ti0, ti1, BLOCK_M):
-        dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
-                           offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
-                           K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, False,
-                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
-    for m0 in range(ti1, tb1, BLOCK_M):
-        dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n, offs_dqk,
-                           offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1,
-                           K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, True,
-                           FAST_SILU, INPUT_PRECISION, COMPUTE_DV, COMPUTE_DKDQ)
+    for SEGMENT in tl.static_range(4):
+        lo, hi = tile_segment(SEGMENT, ta0, ta1, tb0, ti0, ti1, tb1)
+        for m0 in range(lo, hi, BLOCK_M):
+            dk, dv = _bwd_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, m0, offs_m, offs_n,
+                               offs_dqk, offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W,
+                               M, sla_k1, K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV,
+                               MASK_MODE, SEGMENT != 2, FAST_SILU, INPUT_PRECISION, COMPUTE_DV,
+                               COMPUTE_DKDQ)
     dk_ptrs = DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm + offs_dqk[None, :]
     dv_ptrs = DV + start * stride_dvm + h * stride_dvh + offs_n[:, None] * stride_dvm + offs_dv[None, :]
     if COMPUTE_DKDQ:
@@ -438,6 +429,33 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _grad_buffers(q: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward outputs ``(dq_acc, dk, dv)``: ``dq`` accumulates in fp32 (programs add their
+    shares atomically, so it starts at zero), ``dk``/``dv`` have the dtype of ``q``."""
+    total, num_heads, dqk = q.shape
+    dk = torch.empty((total, num_heads, dqk), dtype=q.dtype, device=q.device)
+    dv = torch.empty((total, num_heads, v.shape[2]), dtype=q.dtype, device=q.device)
+    dq_acc = torch.zeros((total, num_heads, dqk), dtype=torch.float32, device=q.device)
+    return dq_acc, dk, dv
+
+
+def _backward_runner(launch: Callable[[KernelConfig, bool, bool], None],
+                     dq_acc: torch.Tensor) -> Callable[[KernelConfig], None]:
+    """One whole backward pass for a config, as ``choose_config`` times it: a fused launch
+    (``compute_dv``, ``compute_dkdq`` both on) or a dV launch then a (dK, dQ) launch
+    (``split_bwd``). ``dq_acc`` is zeroed first: autotuning runs the pass more than once."""
+
+    def run(cfg: KernelConfig) -> None:
+        dq_acc.zero_()
+        if cfg.split_bwd:
+            launch(cfg, True, False)
+            launch(cfg, False, True)
+        else:
+            launch(cfg, True, True)
+
+    return run
+
+
 def hstu_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -501,9 +519,7 @@ def hstu_bwd(
     total, num_heads, dqk = q.shape
     dv_dim = v.shape[2]
     batch = seq_offsets.numel() - 1
-    dk = torch.empty((total, num_heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.empty((total, num_heads, dv_dim), dtype=q.dtype, device=q.device)
-    dq_acc = torch.zeros((total, num_heads, dqk), dtype=torch.float32, device=q.device)
+    dq_acc, dk, dv = _grad_buffers(q, v)
     if total == 0 or batch == 0:
         return dq_acc.to(q.dtype), dk.zero_(), dv.zero_()
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -530,14 +546,7 @@ def hstu_bwd(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    def run(cfg: KernelConfig) -> None:
-        dq_acc.zero_()
-        if cfg.split_bwd:
-            launch(cfg, True, False)
-            launch(cfg, False, True)
-        else:
-            launch(cfg, True, True)
-
+    run = _backward_runner(launch, dq_acc)
     if config is None:
         key = ("bwd", q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))
         config = choose_config(key, bwd_candidates(block_dqk, block_dv, q.dtype), max_seq_len, run)
@@ -611,22 +620,23 @@ def _(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_a
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_NUM_FWD_ARGS = 14
+def register_attention_autograd(fwd_op, bwd_op) -> None:
+    """Autograd for an attention forward op ``fwd_op(q, k, v, seq_offsets, num_targets,
+    *options)`` by its backward op ``bwd_op(dout, q, k, v, seq_offsets, num_targets, *options)
+    -> (dq, dk, dv)``; the options (ints, floats, bools, strings) get no gradient."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:5])
+        ctx.options = inputs[5:]
+
+    def backward(ctx, dout):
+        dq, dk, dv = bwd_op(dout, *ctx.saved_tensors, *ctx.options)
+        return (dq, dk, dv) + (None,) * (2 + len(ctx.options))
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, seq_offsets, num_targets = inputs[:5]
-    ctx.save_for_backward(q, k, v, seq_offsets, num_targets)
-    ctx.params = inputs[5:]
-
-
-def _backward(ctx, dout):
-    q, k, v, seq_offsets, num_targets = ctx.saved_tensors
-    dq, dk, dv = triton_hstu_attention_bwd(dout, q, k, v, seq_offsets, num_targets, *ctx.params)
-    return (dq, dk, dv) + (None,) * (_NUM_FWD_ARGS - 3)
-
-
-triton_hstu_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(triton_hstu_attention_fwd, triton_hstu_attention_bwd)
 
 
 def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
