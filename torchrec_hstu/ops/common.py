@@ -3,7 +3,7 @@
 import dataclasses
 import logging
 from enum import Enum, unique
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -149,10 +149,11 @@ def is_tracing() -> bool:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_seq_offsets(seq_offsets: torch.Tensor, total_len: int, name: str = "seq_offsets") -> None:
-    """Static checks always; value checks (start 0, non-decreasing, last == L) unless tracing.
-
-    The value checks read the device once (one host sync).
+def check_seq_offsets(
+    seq_offsets: torch.Tensor, total_len: int, name: str = "seq_offsets", check_values: bool = True
+) -> None:
+    """Static checks always; with ``check_values`` (and not tracing) the values too (start 0,
+    non-decreasing, last == L), which reads the device once (one host sync).
     """
     if not isinstance(seq_offsets, torch.Tensor) or seq_offsets.dim() != 1:
         raise ValueError(
@@ -163,7 +164,7 @@ def check_seq_offsets(seq_offsets: torch.Tensor, total_len: int, name: str = "se
         raise ValueError(f"{name} must be int32 or int64; got {seq_offsets.dtype}")
     if seq_offsets.numel() < 1:
         raise ValueError(f"{name} must have B + 1 >= 1 entries; got an empty tensor")
-    if is_tracing():
+    if not check_values or is_tracing():
         return
     first, decreasing, last = torch.stack(
         [seq_offsets[0], (seq_offsets[1:] < seq_offsets[:-1]).any().to(seq_offsets.dtype), seq_offsets[-1]]
@@ -184,11 +185,14 @@ def check_attention_inputs(
     num_targets: Optional[torch.Tensor],
     options: AttentionOptions,
     dropout_pr: float = 0.0,
+    check_values: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming the argument and the expected form for bad inputs.
 
-    Shapes, dtypes and devices are always checked; values (offsets, lengths vs
-    ``max_seq_len``, ``num_targets`` range) only in eager mode, with two host syncs.
+    Shapes, dtypes and devices are always checked (free). With ``check_values`` (and not
+    tracing) the values are checked too (offsets, lengths vs ``max_seq_len``, ``num_targets``
+    range) through :func:`check_jagged_batch_sync`: one host sync. Modules check values once per
+    batch at their edge and pass ``check_values=False`` to every layer.
     """
     if not isinstance(max_seq_len, (int, torch.SymInt)) or (
         isinstance(max_seq_len, int) and max_seq_len <= 0
@@ -214,33 +218,124 @@ def check_attention_inputs(
         )
     if not 0.0 <= dropout_pr < 1.0:
         raise ValueError(f"dropout_pr must be in [0, 1); got {dropout_pr}")
-    check_seq_offsets(seq_offsets, q.shape[0])
-    batch_size = seq_offsets.numel() - 1
-    if num_targets is not None:
-        if not isinstance(num_targets, torch.Tensor) or num_targets.dim() != 1 or num_targets.numel() != batch_size:
-            raise ValueError(
-                f"num_targets must be 1-D of shape [B]=[{batch_size}]; got "
-                f"{tuple(getattr(num_targets, 'shape', ()))}"
-            )
-        if num_targets.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
-        if num_targets.device != q.device:
-            raise ValueError(f"num_targets must be on q's device {q.device}; got {num_targets.device}")
-    if is_tracing() or batch_size == 0:
+    check_seq_offsets(seq_offsets, q.shape[0], check_values=False)
+    check_num_targets(num_targets, seq_offsets.numel() - 1, q.device)
+    if check_values:
+        check_jagged_batch_sync(seq_offsets, q.shape[0], max_seq_len, num_targets)
+
+
+def check_num_targets(num_targets: Optional[torch.Tensor], batch_size: int, device: torch.device) -> None:
+    """Shape, dtype and device of ``num_targets: [B]`` (free; values are checked at the edge)."""
+    if num_targets is None:
         return
-    lengths = seq_offsets[1:] - seq_offsets[:-1]
-    stats = [lengths.max().to(torch.int64)]
+    if not isinstance(num_targets, torch.Tensor) or num_targets.dim() != 1 or num_targets.numel() != batch_size:
+        raise ValueError(
+            f"num_targets must be 1-D of shape [B]=[{batch_size}]; got "
+            f"{tuple(getattr(num_targets, 'shape', ()))}"
+        )
+    if num_targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
+    if num_targets.device != device:
+        raise ValueError(f"num_targets must be on {device} like the values; got {num_targets.device}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JaggedBatchFacts:
+    """Host-side facts of one jagged batch, read once at the model's edge.
+
+    They travel down as plain ints (as generative-recommenders passes ``max_uih_len`` and
+    ``total_targets``), so no layer reads the device again.
+
+    Attributes:
+        lengths: per-sequence lengths ``[B]``.
+        num_targets: per-sequence trailing targets ``[B]``, or None.
+        max_seq_len: the padding bound ``N``: the caller's ``max_seq_len`` when given, else the
+            longest length (at least 1).
+    """
+
+    lengths: Tuple[int, ...]
+    num_targets: Optional[Tuple[int, ...]]
+    max_seq_len: int
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def total_len(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths, default=0)
+
+    @property
+    def total_targets(self) -> int:
+        return sum(self.num_targets) if self.num_targets is not None else 0
+
+
+def check_jagged_batch_sync(
+    seq_offsets: torch.Tensor,
+    total_len: int,
+    max_seq_len: Optional[int] = None,
+    num_targets: Optional[torch.Tensor] = None,
+    name: str = "seq_offsets",
+) -> Optional[JaggedBatchFacts]:
+    """The edge check of a jagged batch: one host read, then :class:`JaggedBatchFacts`.
+
+    Checks that ``seq_offsets`` start at 0, do not decrease and end at ``total_len``, that no
+    sequence is longer than ``max_seq_len`` (when given) and that ``num_targets`` lies in
+    ``[0, length]``. Under tracing nothing is read and None is returned.
+
+    Args:
+        seq_offsets: ``[B + 1]`` int32/int64.
+        total_len: ``L``, the number of tokens.
+        max_seq_len: the caller's padding bound, or None to take the longest length.
+        num_targets: optional ``[B]``.
+        name: the offsets' name in errors.
+
+    Returns:
+        :class:`JaggedBatchFacts`, or None while tracing.
+
+    Example::
+
+        >>> facts = check_jagged_batch_sync(torch.tensor([0, 3, 5]), 5, num_targets=torch.tensor([1, 0]))
+        >>> facts.lengths, facts.max_seq_len, facts.total_targets
+        ((3, 2), 3, 1)
+    """
+    check_seq_offsets(seq_offsets, total_len, name=name, check_values=False)
+    batch_size = seq_offsets.numel() - 1
+    check_num_targets(num_targets, batch_size, seq_offsets.device)
+    if max_seq_len is not None and not isinstance(max_seq_len, torch.SymInt) and (
+        not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0
+    ):
+        raise ValueError(f"max_seq_len must be a positive int; got {max_seq_len!r}")
+    if is_tracing():
+        return None
+    # One transfer: offsets and targets side by side.
+    parts = [seq_offsets.to(torch.int64)]
     if num_targets is not None:
-        targets = num_targets.to(torch.int64)
-        stats += [targets.min(), (targets - lengths.to(torch.int64)).max()]
-    stats = torch.stack(stats).tolist()
-    longest = stats[0]
+        parts.append(num_targets.to(device=seq_offsets.device, dtype=torch.int64))
+    host = torch.cat(parts).tolist()
+    offsets, targets = host[: batch_size + 1], host[batch_size + 1 :]
+    lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
+    if offsets[0] != 0 or any(n < 0 for n in lengths) or offsets[-1] != total_len:
+        raise ValueError(
+            f"{name} must be non-decreasing, start at 0 and end at the number of tokens "
+            f"L={total_len}; got {offsets if len(offsets) <= 16 else str(offsets[:16]) + ' ...'}"
+        )
+    longest = max(lengths, default=0)
     if isinstance(max_seq_len, int) and longest > max_seq_len:
         raise ValueError(
             f"max_seq_len={max_seq_len} is smaller than the longest sequence ({longest} tokens)"
         )
-    if num_targets is not None and (stats[1] < 0 or stats[2] > 0):
-        raise ValueError(
-            "num_targets must be in [0, sequence length] for every sequence; got "
-            f"num_targets={num_targets.tolist()[:16]} for lengths={lengths.tolist()[:16]}"
-        )
+    facts_targets: Optional[Tuple[int, ...]] = None
+    if num_targets is not None:
+        facts_targets = tuple(targets)
+        if any(t < 0 or t > n for t, n in zip(facts_targets, lengths)):
+            raise ValueError(
+                "num_targets must be in [0, sequence length] for every sequence; got "
+                f"num_targets={list(facts_targets[:16])} for lengths={list(lengths[:16])}"
+            )
+    bound = max_seq_len if isinstance(max_seq_len, int) else max(longest, 1)
+    return JaggedBatchFacts(lengths=lengths, num_targets=facts_targets, max_seq_len=bound)

@@ -61,11 +61,13 @@ def check_delta_attention_inputs(
     delta_offsets: torch.Tensor,
     max_seq_len: int,
     num_targets: Optional[torch.Tensor],
+    check_values: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming the argument and the expected form.
 
-    Shapes, dtypes and devices always; values (offsets, ``d_b <= n_b``, lengths vs
-    ``max_seq_len``, ``num_targets`` range) in eager mode, with one host sync.
+    Shapes, dtypes and devices always (free); with ``check_values`` (and not tracing) the values
+    too (offsets, ``d_b <= n_b``, lengths vs ``max_seq_len``, ``num_targets`` range), with one
+    host sync.
     """
     if not isinstance(max_seq_len, (int, torch.SymInt)) or (isinstance(max_seq_len, int) and max_seq_len <= 0):
         raise ValueError(f"max_seq_len must be a positive int; got {max_seq_len!r}")
@@ -88,8 +90,8 @@ def check_delta_attention_inputs(
     for name, t in (("k", k), ("v", v), ("seq_offsets", seq_offsets), ("delta_offsets", delta_offsets)):
         if t.device != device:
             raise ValueError(f"{name} must be on delta_q's device {device}; got {t.device}")
-    check_seq_offsets(seq_offsets, k.shape[0])
-    check_seq_offsets(delta_offsets, delta_q.shape[0], name="delta_offsets")
+    check_seq_offsets(seq_offsets, k.shape[0], check_values=check_values)
+    check_seq_offsets(delta_offsets, delta_q.shape[0], name="delta_offsets", check_values=check_values)
     batch_size = seq_offsets.numel() - 1
     if delta_offsets.numel() != batch_size + 1:
         raise ValueError(
@@ -104,7 +106,7 @@ def check_delta_attention_inputs(
             raise ValueError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
         if num_targets.device != device:
             raise ValueError(f"num_targets must be on delta_q's device {device}; got {num_targets.device}")
-    if is_tracing() or batch_size == 0:
+    if not check_values or is_tracing() or batch_size == 0:
         return
     lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
     deltas = (delta_offsets[1:] - delta_offsets[:-1]).to(torch.int64)
@@ -138,6 +140,7 @@ def delta_hstu_attention(
     num_targets: Optional[torch.Tensor] = None,
     delta_offsets: Optional[torch.Tensor] = None,
     kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """HSTU attention of the last ``d_b`` tokens of each sequence against all its keys.
 
@@ -154,6 +157,8 @@ def delta_hstu_attention(
         delta_offsets: optional ``[B + 1]`` offsets of ``delta_q``; default ``L' / B`` rows
             per sequence.
         kernel: ``PYTORCH``, ``TRITON`` (CUDA) or ``AUTO``; ``CUTLASS`` is refused.
+        check_values: check the offsets' values (one host sync); False when the caller
+            checked them at its edge.
 
     Returns:
         ``[L', H, Dv]`` in the dtype of ``delta_q``.
@@ -173,7 +178,9 @@ def delta_hstu_attention(
         batch_size = seq_offsets.numel() - 1
         delta_offsets = uniform_delta_offsets(batch_size, delta_q.shape[0], delta_q.device)
         uniform_delta = delta_q.shape[0] // batch_size if batch_size > 0 else 0
-    check_delta_attention_inputs(delta_q, k, v, seq_offsets, delta_offsets, max_seq_len, num_targets)
+    check_delta_attention_inputs(
+        delta_q, k, v, seq_offsets, delta_offsets, max_seq_len, num_targets, check_values=check_values
+    )
     kernel = resolve_kernel(kernel, delta_q.device)
     if kernel == HSTUKernel.PYTORCH:
         if options.use_fp8:

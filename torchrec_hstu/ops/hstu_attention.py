@@ -60,6 +60,7 @@ def hstu_attention(
     training: bool = False,
     kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
     cache: Optional[Dict[str, Any]] = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Jagged HSTU attention ``(silu(alpha q k^T) / scaling_seqlen * mask) v``.
 
@@ -76,6 +77,8 @@ def hstu_attention(
         training: whether dropout is active.
         kernel: which implementation runs it; an explicit kernel is honoured or refused.
         cache: optional per-batch dict shared by layers with the same ``seq_offsets``.
+        check_values: check offsets / lengths / ``num_targets`` values (one host sync). Modules
+            check once per batch at their edge and pass False to every layer.
 
     Returns:
         ``[L, H, Dv]`` in the dtype of ``q``.
@@ -87,7 +90,9 @@ def hstu_attention(
         >>> out.shape
         torch.Size([5, 2, 8])
     """
-    check_attention_inputs(q, k, v, seq_offsets, max_seq_len, num_targets, options, dropout_pr)
+    check_attention_inputs(
+        q, k, v, seq_offsets, max_seq_len, num_targets, options, dropout_pr, check_values=check_values
+    )
     kernel = resolve_kernel(kernel, q.device)
     if options.use_fp8:
         from torchrec_hstu.ops.fp8.dispatch import fp8_hstu_attention

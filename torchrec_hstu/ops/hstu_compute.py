@@ -114,6 +114,7 @@ def hstu_preprocess_and_attention(
     recompute_normed_x: bool = False,
     recompute_uvqk: bool = False,
     cache: Optional[Dict[str, Any]] = None,
+    check_values: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`hstu_compute_uqvk` followed by :func:`hstu_attention`.
 
@@ -130,6 +131,8 @@ def hstu_preprocess_and_attention(
         kernel: attention kernel.
         recompute_normed_x, recompute_uvqk: activation recompute flags.
         cache: per-batch attention cache shared across layers.
+        check_values: check the batch's values in the attention (one host sync); False when
+            the caller checked them at its edge.
 
     Returns:
         ``u [L, H * hidden_dim]``, ``attn [L, H * hidden_dim]``, ``k [L, H, Dqk]``, ``v [L, H, Dv]``
@@ -159,6 +162,7 @@ def hstu_preprocess_and_attention(
         num_targets=num_targets,
         kernel=kernel,
         cache=cache,
+        check_values=check_values,
     )
     return u, attn.reshape(-1, num_heads * hidden_dim), k, v
 
