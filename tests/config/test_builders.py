@@ -89,7 +89,7 @@ def test_hstu_fields_reach_the_transducer():
         """,
         hstu_pb2.HSTU,
     )
-    t = HSTUTransducer.from_config(cfg, input_embedding_dim=10)
+    t = build_transducer(cfg, input_embedding_dim=10)
     covered = set()
     assert len(t.stu_module.layers) == 4; covered.add("attn_num_layers")
     assert t.input_dropout.p == pytest.approx(0.35); covered.add("input_dropout_ratio")

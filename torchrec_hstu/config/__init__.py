@@ -1,5 +1,9 @@
 """Protobuf configuration of torchrec-hstu: schema, ``config_to_kwargs``, validation, builders.
 
+Importing this package loads the schema, loader and validation only (no torchrec, no
+``torchrec_hstu.modules``); the builders (``build_transducer``, ...) load
+:mod:`torchrec_hstu.config.builders`, and the modules with it, on first use.
+
 Schema: ``hstu.proto`` (proto2, package ``torchrec_hstu.config``), generated code
 ``hstu_pb2.py`` (committed; regenerate with ``scripts/gen_proto.sh``). Messages: ``STU``,
 ``HSTU`` (one transducer / channel), ``HSTUModel`` (channels + model-level fields), the
@@ -15,15 +19,9 @@ Example::
     -1
 """
 
+from typing import Any
+
 from torchrec_hstu.config import hstu_pb2
-from torchrec_hstu.config.builders import (
-    build_input_preprocessor,
-    build_multi_channel,
-    build_output_postprocessor,
-    build_positional_encoder,
-    build_retrieval_transducer,
-    build_transducer,
-)
 from torchrec_hstu.config.generated import check_generated_code
 from torchrec_hstu.config.kwargs import config_to_kwargs
 from torchrec_hstu.config.loader import load_config, parse_config
@@ -35,6 +33,29 @@ from torchrec_hstu.config.validation import (
     validate_model,
     validate_stu,
 )
+
+#: Names served lazily from :mod:`torchrec_hstu.config.builders` (PEP 562).
+_BUILDERS = (
+    "build_input_preprocessor",
+    "build_multi_channel",
+    "build_output_postprocessor",
+    "build_positional_encoder",
+    "build_retrieval_transducer",
+    "build_transducer",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BUILDERS:
+        from torchrec_hstu.config import builders
+
+        return getattr(builders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_BUILDERS))
+
 
 HSTU = hstu_pb2.HSTU
 HSTUModel = hstu_pb2.HSTUModel

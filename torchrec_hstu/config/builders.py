@@ -1,9 +1,13 @@
 """Build modules from config messages.
 
-Entry points: :func:`build_transducer` (an ``HSTU`` message -> :class:`HSTUTransducer`, also
-reachable as ``HSTUTransducer.from_config``) and :func:`build_multi_channel` (an ``HSTUModel``
+Entry points: :func:`build_transducer` (an ``HSTU`` message -> :class:`HSTUTransducer`: the
+one way to build a transducer from settings) and :func:`build_multi_channel` (an ``HSTUModel``
 message -> :class:`MultiChannelHSTU`). A single layer needs no builder:
 ``STULayer(**config_to_kwargs(stu))``.
+
+Layers: builders sit above ``modules`` (they import it; no module imports ``config``). Importing
+``torchrec_hstu.config`` does not import this file (nor torchrec): its builder names load it on
+first use.
 
 Sentinels are resolved as TorchEasyRec does: ``STU.contextual_seq_len = -1`` becomes the input
 preprocessor's contextual prefix (0 without one); ``STU.scaling_seqlen = -1`` stays -1 and the
@@ -35,6 +39,7 @@ from torchrec_hstu.modules.postprocessors import (
     TimestampLayerNormPostprocessor,
 )
 from torchrec_hstu.modules.preprocessors import ContextualPreprocessor
+from torchrec_hstu.modules.stu import STUStack
 
 __all__ = [
     "build_input_preprocessor",
@@ -167,13 +172,17 @@ def build_transducer(
     postprocessor = None
     if kwargs["output_postprocessor"] is not None:
         postprocessor = build_output_postprocessor(kwargs["output_postprocessor"], embedding_dim)
-    return HSTUTransducer.from_layer_kwargs(
-        stu=stu,
-        attn_num_layers=kwargs["attn_num_layers"],
-        input_preprocessor=preprocessor,
+    stack = STUStack.uniform(
+        stu,
+        kwargs["attn_num_layers"],
+        contextual_seq_len=contextual_seq_len,
         attn_truncation_split_layer=kwargs["attn_truncation_split_layer"],
         attn_truncation_tail_len=kwargs["attn_truncation_tail_len"],
         kernel=kernel,
+    )
+    return HSTUTransducer(
+        stack,
+        input_preprocessor=preprocessor,
         positional_encoder=positional_encoder,
         output_postprocessor=postprocessor,
         input_dropout_ratio=kwargs["input_dropout_ratio"],

@@ -1,4 +1,4 @@
-"""KV cache for incremental HSTU inference: explicit cache state and a transducer-level API.
+"""KV cache for incremental HSTU inference: the cache state and its checks.
 
 Serving pattern (both anchors): encode a user's history once (*prefill*), keep every STU
 layer's keys and values of it, then run only the new tokens (*delta*: candidates to score, or
@@ -8,8 +8,12 @@ new history events to append) against the cache. Symbols: ``B`` users, ``Lc`` ca
 The state is a value, never hidden module state: :meth:`STULayer.prefill
 <torchrec_hstu.modules.stu.STULayer.prefill>` / :meth:`STUStack.prefill
 <torchrec_hstu.modules.stu.STUStack.prefill>` return a cache object and ``cached_forward``
-takes one and returns the (possibly appended) next one. A cache is checked on every use and
-refuses, with ``ValueError``, to serve
+takes one and returns the (possibly appended) next one; :meth:`HSTUTransducer.prefill
+<torchrec_hstu.modules.HSTUTransducer.prefill>` / :meth:`~torchrec_hstu.modules.HSTUTransducer.score_candidates`
+do the same for a whole transducer (:class:`HSTUKVCache`). This module holds the cache data and
+its checks only; it imports no module that runs layers. A cache is checked on every use (one
+host read per step, :func:`delta_step_stats_sync`; nothing per layer) and refuses, with
+``ValueError``, to serve
 
 * another batch: the caller passes the prefix offsets it expects (``prefix_offsets``) and,
   optionally, a ``batch_key`` (e.g. user ids); both must equal what the cache was built with;
@@ -35,21 +39,15 @@ over what each call sees, FP8 modes 1..5 are not bit-equal to the full FP8 forwa
 """
 
 import dataclasses
-from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from torchrec_hstu.ops.common import AttentionOptions, is_tracing
+from torchrec_hstu.modules.jagged_types import JaggedInput
+from torchrec_hstu.ops.common import AttentionOptions, JaggedBatchFacts, is_tracing
 from torchrec_hstu.ops.delta_attention import uniform_delta_offsets
-from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets, split_2D_jagged
-
-if TYPE_CHECKING:  # pragma: no cover
-    from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
-
-JaggedInput = Union[JaggedTensor, Dict[str, JaggedTensor]]
-
 
 def _param_fingerprint(module: nn.Module) -> Tuple[Tuple[int, int], ...]:
     """``(storage pointer, version counter)`` per parameter: changes on any in-place update
@@ -117,42 +115,73 @@ class STUStackKVCache:
         return self.offsets.numel() - 1
 
 
-def _same_offsets(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a.to(torch.int64), b.to(torch.int64)))
-
-
-def check_prefix_offsets(cache_offsets: torch.Tensor, prefix_offsets: torch.Tensor, what: str) -> None:
-    """``ValueError`` unless the caller's ``prefix_offsets`` are the cache's (same batch)."""
+def prefix_offsets_flag(
+    cache_offsets: torch.Tensor, prefix_offsets: torch.Tensor, what: str
+) -> Optional[torch.Tensor]:
+    """Free checks of the caller's ``prefix_offsets`` against the cache's (shape, device:
+    ``ValueError`` at once), and the 0-d device flag "the values differ" for the step's single
+    read (:func:`delta_step_stats_sync`; :func:`check_prefix_offsets` raises on it). None while
+    tracing."""
     if not isinstance(prefix_offsets, torch.Tensor) or prefix_offsets.dim() != 1:
         raise ValueError(
             f"prefix_offsets must be the [B + 1] offsets of the cached prefix; got "
             f"{getattr(prefix_offsets, 'shape', type(prefix_offsets))}"
         )
+    if cache_offsets.shape != prefix_offsets.shape or cache_offsets.device != prefix_offsets.device:
+        _raise_other_batch(cache_offsets, prefix_offsets, what)
     if is_tracing():
-        return
-    if not _same_offsets(cache_offsets, prefix_offsets):
-        shown = prefix_offsets.tolist()[:16] if prefix_offsets.numel() <= 64 else prefix_offsets.shape
-        cached = cache_offsets.tolist()[:16] if cache_offsets.numel() <= 64 else cache_offsets.shape
-        raise ValueError(
-            f"this {what} was built for another batch: its prefix offsets are {cached}, the caller's "
-            f"prefix_offsets are {shown}. Prefill a cache for this batch (caches are per batch)."
-        )
+        return None
+    return (cache_offsets.to(torch.int64) != prefix_offsets.to(torch.int64)).any()
 
 
-def check_batch_key(cache_key: Optional[torch.Tensor], batch_key: Optional[torch.Tensor]) -> None:
-    """``ValueError`` unless both keys are None or equal."""
+def _raise_other_batch(cache_offsets: torch.Tensor, prefix_offsets: torch.Tensor, what: str) -> None:
+    # The error path may read the device: it shows both offsets.
+    shown = prefix_offsets.tolist()[:16] if prefix_offsets.numel() <= 64 else prefix_offsets.shape
+    cached = cache_offsets.tolist()[:16] if cache_offsets.numel() <= 64 else cache_offsets.shape
+    raise ValueError(
+        f"this {what} was built for another batch: its prefix offsets are {cached}, the caller's "
+        f"prefix_offsets are {shown}. Prefill a cache for this batch (caches are per batch)."
+    )
+
+
+def check_prefix_offsets(
+    stats: Optional["DeltaStepStats"],
+    index: int,
+    cache_offsets: torch.Tensor,
+    prefix_offsets: torch.Tensor,
+    what: str,
+) -> None:
+    """``ValueError`` if flag ``index`` of ``stats`` (from :func:`prefix_offsets_flag`) says
+    the caller's ``prefix_offsets`` are not the cache's (another batch)."""
+    if stats is not None and stats.flags[index]:
+        _raise_other_batch(cache_offsets, prefix_offsets, what)
+
+
+def batch_key_flag(cache_key: Optional[torch.Tensor], batch_key: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Free checks of ``batch_key`` (given at prefill and now, or never; same shape) and the
+    0-d device flag "the keys differ" (None when there are no keys or while tracing)."""
     if cache_key is None and batch_key is None:
-        return
+        return None
     if cache_key is None or batch_key is None:
         raise ValueError(
             "batch_key must be given both at prefill and at every delta step (or never); got "
             f"{'none' if cache_key is None else 'one'} at prefill and "
             f"{'none' if batch_key is None else 'one'} now"
         )
+    if cache_key.shape != batch_key.shape:
+        raise ValueError(_OTHER_KEY)
     if is_tracing():
-        return
-    if cache_key.shape != batch_key.shape or not torch.equal(cache_key.to(batch_key.device), batch_key):
-        raise ValueError("batch_key differs from the one the cache was prefilled with: this cache belongs to another batch")
+        return None
+    return (cache_key.to(batch_key.device) != batch_key).any()
+
+
+_OTHER_KEY = "batch_key differs from the one the cache was prefilled with: this cache belongs to another batch"
+
+
+def check_batch_key(stats: Optional["DeltaStepStats"], index: int) -> None:
+    """``ValueError`` if flag ``index`` of ``stats`` (from :func:`batch_key_flag`) is set."""
+    if stats is not None and stats.flags[index]:
+        raise ValueError(_OTHER_KEY)
 
 
 def check_layer_cache(layer: nn.Module, cache: STULayerKVCache, x: torch.Tensor) -> None:
@@ -200,34 +229,82 @@ def resolve_delta_offsets(
 
 
 class DeltaStepStats(NamedTuple):
-    """Host-side facts about one delta step (read with one sync by :func:`delta_step_stats`).
+    """Host-side facts about one delta step, read with one sync by :func:`delta_step_stats_sync`.
 
     Attributes:
         longest: longest full sequence (prefix + delta).
         targets_in_prefix: ``max(num_targets - delta)`` (> 0: some target is in the prefix).
         history_in_delta: ``max(delta - num_targets)`` (> 0: some delta token is history).
         longest_delta: ``max(delta)`` (the history count when targets are not passed on).
+        flags: the caller's 0-d device flags read in the same transfer (True: that check failed).
     """
 
     longest: int
     targets_in_prefix: int
     history_in_delta: int
     longest_delta: int
+    flags: Tuple[bool, ...] = ()
 
 
-def delta_step_stats(
-    cache_offsets: torch.Tensor, delta_offsets: torch.Tensor, num_targets: Optional[torch.Tensor]
+def delta_step_stats_sync(
+    cache_offsets: torch.Tensor,
+    delta_offsets: torch.Tensor,
+    total_delta: int,
+    num_targets: Optional[torch.Tensor],
+    flags: Sequence[Optional[torch.Tensor]] = (),
 ) -> Optional[DeltaStepStats]:
-    """:class:`DeltaStepStats` of a step (one host sync); None while tracing or for ``B == 0``."""
-    if is_tracing() or cache_offsets.numel() <= 1:
+    """The edge check of a delta step: one host read. None while tracing.
+
+    Checks the values the delta attention would otherwise check per layer: ``delta_offsets``
+    start at 0, do not decrease and end at ``total_delta`` (``L'``), ``num_targets >= 0``
+    (shape ``[B]``); the rest (lengths vs the cache's ``max_seq_len``, targets inside the
+    delta) is :func:`check_delta_step`'s, from the returned :class:`DeltaStepStats`.
+
+    Args:
+        cache_offsets: ``[B + 1]`` offsets of the cached tokens.
+        delta_offsets: ``[B + 1]`` offsets of the delta tokens.
+        total_delta: ``L'``.
+        num_targets: optional ``[B]``.
+        flags: 0-d device tensors (or None: not set) read in the same transfer, e.g. from
+            :func:`prefix_offsets_flag` and :func:`batch_key_flag`.
+    """
+    batch_size = cache_offsets.numel() - 1
+    if num_targets is not None and (num_targets.dim() != 1 or num_targets.numel() != batch_size):
+        raise ValueError(f"num_targets must be [B]=[{batch_size}]; got {tuple(num_targets.shape)}")
+    if is_tracing():
         return None
     prefix = (cache_offsets[1:] - cache_offsets[:-1]).to(torch.int64)
     deltas = (delta_offsets[1:] - delta_offsets[:-1]).to(torch.int64)
-    if num_targets is not None and (num_targets.dim() != 1 or num_targets.numel() != deltas.numel()):
-        raise ValueError(f"num_targets must be [B]=[{deltas.numel()}]; got {tuple(num_targets.shape)}")
     targets = torch.zeros_like(deltas) if num_targets is None else num_targets.to(deltas.device, torch.int64)
-    stats = torch.stack([(prefix + deltas).max(), (targets - deltas).max(), (deltas - targets).max(), deltas.max()])
-    return DeltaStepStats(*stats.tolist())
+    zero = deltas.new_zeros(1)
+
+    def top(t: torch.Tensor) -> torch.Tensor:
+        # max(t, 0): defined for an empty batch, and every check below compares with 0.
+        return torch.cat([t, zero]).max()
+
+    entries = [
+        top(prefix + deltas),
+        top(targets - deltas),
+        top(deltas - targets),
+        top(deltas),
+        top(-targets),
+        top(-deltas),
+        delta_offsets[0].to(torch.int64),
+        delta_offsets[-1].to(torch.int64),
+    ]
+    entries += [zero[0] if flag is None else flag.to(deltas.device, torch.int64) for flag in flags]
+    host = torch.stack(entries).tolist()
+    longest, targets_in_prefix, history_in_delta, longest_delta, negative_target, negative_delta, first, last = host[:8]
+    if first != 0 or negative_delta > 0 or last != total_delta:
+        raise ValueError(
+            "delta_offsets must be non-decreasing, start at 0 and end at the number of delta tokens "
+            f"L'={total_delta}; got {delta_offsets.tolist()[:16]}"
+        )
+    if negative_target > 0:
+        raise ValueError(f"num_targets must be >= 0 for every sequence; got {num_targets.tolist()[:16]}")
+    return DeltaStepStats(
+        longest, targets_in_prefix, history_in_delta, longest_delta, tuple(bool(v) for v in host[8:])
+    )
 
 
 def check_delta_step(
@@ -242,7 +319,7 @@ def check_delta_step(
 
     Args:
         options: the layer's attention options.
-        stats: from :func:`delta_step_stats` (None: value checks skipped).
+        stats: from :func:`delta_step_stats_sync` (None while tracing: value checks skipped).
         max_seq_len: the cache's ``max_seq_len``.
         targets_passed: the layer passes ``num_targets`` to attention (given and target-aware);
             otherwise every delta token is history to it.
@@ -296,13 +373,14 @@ def check_append_targets(num_targets: Optional[torch.Tensor], append: bool) -> N
         )
 
 
-def check_prefill(options: AttentionOptions, prefix_offsets: torch.Tensor) -> None:
-    """Refuse prefills the cached path cannot continue exactly."""
+def check_prefill(options: AttentionOptions, facts: Optional[JaggedBatchFacts]) -> None:
+    """Refuse prefills the cached path cannot continue exactly (``facts``: the prefixes' host
+    facts from the edge check; None while tracing)."""
     if not options.causal:
         raise ValueError("the KV-cached path needs causal attention (causal=True)")
     c = options.contextual_seq_len
-    if c > 0 and not options.use_sla and not is_tracing() and prefix_offsets.numel() > 1:
-        shortest = int((prefix_offsets[1:] - prefix_offsets[:-1]).min())
+    if c > 0 and not options.use_sla and facts is not None and facts.batch_size > 0:
+        shortest = min(facts.lengths)
         if shortest < c:
             raise ValueError(
                 f"every cached prefix must hold the whole contextual prefix (contextual_seq_len={c}); "
@@ -334,181 +412,15 @@ class HSTUKVCache:
     transducer_id: int
 
 
-def _uses_time(transducer: "HSTUTransducer") -> bool:
-    encoder = transducer.positional_encoder
-    return encoder is not None and encoder.use_time_encoding
-
-
-def prefill_transducer(
-    transducer: "HSTUTransducer",
-    history: JaggedInput,
-    max_seq_len: int,
-    seq_timestamps: Optional[Union[JaggedTensor, torch.Tensor]] = None,
-    query_timestamps: Optional[torch.Tensor] = None,
-    contextual_embeddings: Optional[torch.Tensor] = None,
-    seq_actions: Optional[Union[JaggedTensor, torch.Tensor]] = None,
-    batch_key: Optional[torch.Tensor] = None,
-) -> HSTUKVCache:
-    """Encode user histories once and return their cache (run under ``torch.no_grad()``).
-
-    The history tokens go through the transducer's preprocessor (contextual tokens prepended),
-    positional encoder and STU stack exactly as in a full forward of ``[history | candidates]``:
-    position indices count back from the end of the history either way, and time buckets are
-    measured from ``query_timestamps`` (the timestamp the last candidate will carry).
-
-    Args:
-        transducer: the model (``eval()`` mode for deterministic outputs).
-        history: ``JaggedTensor`` ``[Lh, D_in]`` of ``B`` histories (or an
-            ``EmbeddingCollection`` output dict).
-        max_seq_len: batch maximum of history + candidates over the candidate sets this cache
-            will score (the ``max_seq_len`` a full forward would get).
-        seq_timestamps: ``[Lh]`` history timestamps (needed with time encoding).
-        query_timestamps: ``[B]`` request time per user (needed with time encoding).
-        contextual_embeddings: ``[B, C, F]`` when the preprocessor has contextual tokens.
-        seq_actions: ``[Lh]`` action bitmasks when the preprocessor encodes actions.
-        batch_key: optional ``[B]`` tensor (e.g. user ids) checked at every scoring step.
-
-    Returns:
-        :class:`HSTUKVCache`.
-
-    Example::
-
-        >>> from torchrec_hstu.modules import HSTUTransducer, STULayer, STUStack
-        >>> stack = STUStack([STULayer(16, 2, 8, 8, output_dropout_ratio=0.0)])
-        >>> model = HSTUTransducer(stack).eval()
-        >>> history = JaggedTensor(values=torch.randn(5, 16), lengths=torch.tensor([2, 3]))
-        >>> with torch.no_grad():
-        ...     cache = prefill_transducer(model, history, max_seq_len=5)
-        ...     cands = JaggedTensor(values=torch.randn(4, 16), lengths=torch.tensor([2, 2]))
-        ...     scored = score_candidates(model, cands, cache, history_offsets=history.offsets())
-        >>> scored.values().shape
-        torch.Size([4, 16])
-    """
-    from torchrec_hstu.modules.hstu_transducer import jagged_values, jagged_values_lengths
-
-    jt = transducer._select(history)
-    values, lengths = jagged_values_lengths(jt)
-    offsets = lengths_to_offsets(lengths)
-    batch_size = offsets.numel() - 1
-    timestamps = jagged_values(seq_timestamps)
-    if _uses_time(transducer):
-        if timestamps is None or query_timestamps is None:
-            raise ValueError(
-                "with time encoding, prefill_transducer needs seq_timestamps [Lh] and query_timestamps [B] "
-                "(the request time: the timestamp of the last candidate; history time buckets count from it)"
-            )
-        if query_timestamps.shape != (batch_size,):
-            raise ValueError(f"query_timestamps must be [B]=[{batch_size}]; got {tuple(query_timestamps.shape)}")
-    pre = transducer.preprocess(
-        values, offsets, max_seq_len, timestamps, None, contextual_embeddings, jagged_values(seq_actions), "history"
-    )
-    x = pre.seq_embeddings
-    if transducer.positional_encoder is not None:
-        # One stand-in "target" per sequence carrying the request time: history positions count
-        # back from the history end and time buckets from the request, as in the full forward.
-        ones = lengths_to_offsets(torch.ones(batch_size, dtype=torch.int64, device=x.device))
-        x_full = concat_2D_jagged(x, x.new_zeros(batch_size, x.shape[1]), pre.seq_offsets, ones)
-        ts_full = None
-        if pre.seq_timestamps is not None and query_timestamps is not None:
-            ts_full = concat_2D_jagged(
-                pre.seq_timestamps, query_timestamps.to(pre.seq_timestamps.dtype), pre.seq_offsets, ones
-            )
-        encoded = transducer.positional_encoder(
-            x_full, pre.seq_offsets + ones, ts_full, torch.ones(batch_size, dtype=torch.int64, device=x.device)
-        )
-        x, _ = split_2D_jagged(encoded, pre.seq_offsets, ones, x.shape[0], batch_size)
-    x = transducer.input_dropout(x)
-    _, stack_cache = transducer.stu_module.prefill(x, pre.seq_offsets, pre.max_seq_len, batch_key=batch_key)
-    return HSTUKVCache(
-        stack=stack_cache,
-        history_offsets=offsets,
-        max_seq_len=max_seq_len,
-        query_timestamps=None if query_timestamps is None else query_timestamps.detach().clone(),
-        transducer_id=id(transducer),
-    )
+def prefill_transducer(transducer: nn.Module, history: JaggedInput, max_seq_len: int, **kwargs: Any) -> HSTUKVCache:
+    """Same as ``transducer.prefill(history, max_seq_len, **kwargs)``
+    (:meth:`~torchrec_hstu.modules.HSTUTransducer.prefill`); kept for existing callers."""
+    return transducer.prefill(history, max_seq_len, **kwargs)
 
 
 def score_candidates(
-    transducer: "HSTUTransducer",
-    candidates: JaggedInput,
-    cache: HSTUKVCache,
-    history_offsets: torch.Tensor,
-    candidate_timestamps: Optional[Union[JaggedTensor, torch.Tensor]] = None,
-    candidate_actions: Optional[Union[JaggedTensor, torch.Tensor]] = None,
-    batch_key: Optional[torch.Tensor] = None,
+    transducer: nn.Module, candidates: JaggedInput, cache: HSTUKVCache, history_offsets: torch.Tensor, **kwargs: Any
 ) -> JaggedTensor:
-    """Encode one candidate set per user against the cached histories; the cache is unchanged.
-
-    Equals ``transducer(history ++ candidates, num_targets=candidate lengths,
-    max_seq_len=cache.max_seq_len).candidate_embeddings`` (post-processed), for any number of
-    candidate sets scored against one cache.
-
-    Args:
-        transducer: the model that built ``cache``.
-        candidates: ``JaggedTensor`` ``[Lt, D_in]``, ``T_b`` candidates per user (``T_b >= 0``).
-        cache: from :func:`prefill_transducer`.
-        history_offsets: ``[B + 1]`` offsets of the histories the caller expects the cache to
-            hold (``ValueError`` if they are another batch's).
-        candidate_timestamps: ``[Lt]`` (needed with time encoding; each user's last candidate
-            must carry the cache's ``query_timestamps``).
-        candidate_actions: ``[Lt]`` when the preprocessor encodes actions (targets get the
-            target embedding whatever the bits).
-        batch_key: must equal the prefill's ``batch_key`` when one was given.
-
-    Returns:
-        ``JaggedTensor`` ``[Lt, d]`` of post-processed candidate embeddings, lengths ``T_b``.
-    """
-    from torchrec_hstu.modules.hstu_transducer import jagged_tensor, jagged_values, jagged_values_lengths
-
-    if not isinstance(cache, HSTUKVCache):
-        raise ValueError(f"cache must be an HSTUKVCache from prefill_transducer; got {type(cache)}")
-    if cache.transducer_id != id(transducer):
-        raise ValueError("cache was built by another HSTUTransducer")
-    check_prefix_offsets(cache.history_offsets, history_offsets, "HSTUKVCache")
-    jt = transducer._select(candidates)
-    values, lengths = jagged_values_lengths(jt)
-    offsets = lengths_to_offsets(lengths)
-    batch_size = offsets.numel() - 1
-    if batch_size != cache.stack.batch_size:
-        raise ValueError(
-            f"candidates have B={batch_size} sequences but the cache holds {cache.stack.batch_size} users"
-        )
-    timestamps = jagged_values(candidate_timestamps)
-    c = transducer.contextual_seq_len
-    if _uses_time(transducer):
-        if timestamps is None:
-            raise ValueError("with time encoding, score_candidates needs candidate_timestamps [Lt]")
-        if not is_tracing() and values.shape[0] > 0:
-            last = timestamps[torch.clamp(offsets[1:] - 1, min=0)]
-            stale = (lengths > 0) & (last != cache.query_timestamps.to(last.dtype))
-            if bool(stale.any()):
-                raise ValueError(
-                    "each user's last candidate must carry the request time the cache was prefilled with "
-                    "(query_timestamps): history time buckets were measured from it; prefill again for a "
-                    "new request time"
-                )
-    contextual = None
-    if transducer.input_preprocessor is not None and c > 0:
-        # Stand-in contextual tokens (stripped below): they put the candidates at positions >= c.
-        contextual = values.new_zeros(batch_size, c, transducer.input_preprocessor.contextual_feature_dim)
-    pre = transducer.preprocess(
-        values, offsets, cache.max_seq_len, timestamps, lengths, contextual, jagged_values(candidate_actions),
-        "candidates",
-    )
-    x, x_offsets, x_timestamps = pre.seq_embeddings, pre.seq_offsets, pre.seq_timestamps
-    if transducer.positional_encoder is not None:
-        # Candidates are targets: position index c, time bucket from the last candidate.
-        x = transducer.positional_encoder(x, x_offsets, x_timestamps, lengths)
-    if c > 0:
-        prefix = lengths_to_offsets(torch.full_like(lengths, c))
-        _, x = split_2D_jagged(x, prefix, offsets, batch_size * c, values.shape[0])
-    x = transducer.input_dropout(x)
-    out, _ = transducer.stu_module.cached_forward(
-        x,
-        cache.stack,
-        prefix_offsets=cache.stack.offsets,
-        delta_offsets=offsets,
-        num_targets=lengths,
-        batch_key=batch_key,
-    )
-    return jagged_tensor(transducer.output_postprocessor(out, timestamps), offsets)
+    """Same as ``transducer.score_candidates(candidates, cache, history_offsets, **kwargs)``
+    (:meth:`~torchrec_hstu.modules.HSTUTransducer.score_candidates`); kept for existing callers."""
+    return transducer.score_candidates(candidates, cache, history_offsets, **kwargs)

@@ -18,6 +18,10 @@ Input contract (what :meth:`MultiChannelHSTU.forward` reads), with ``B`` request
 * ``seq_actions`` (when a channel has an action encoder): the channel keys, ``[L_c]`` int
   bitmasks; candidates never expose actions (they get the encoder's target embedding).
 * ``contextual_embeddings``: ``[B, C, F]``, shared by the channels that prepend contextual tokens.
+
+Host syncs: the lengths of every channel and of the candidates are read and checked in one
+transfer at the model's edge (:meth:`MultiChannelHSTU.check_batch_sync`); each channel's
+transducer gets its facts as ints and reads nothing from the device.
 """
 
 import dataclasses
@@ -28,13 +32,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from torchrec_hstu.modules.hstu_transducer import (
-    HSTUTransducer,
-    jagged_tensor,
-    jagged_values,
-    jagged_values_lengths,
-)
-from torchrec_hstu.ops.common import is_tracing
+from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
+from torchrec_hstu.modules.jagged_types import jagged_tensor, jagged_values, jagged_values_lengths
+from torchrec_hstu.ops.common import JaggedBatchFacts, check_jagged_batch_sync, is_tracing
 from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHANNEL_NAME = "uih"
 
 JaggedOrTensor = Union[JaggedTensor, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiChannelBatchFacts:
+    """Host facts of a multi-channel batch, read once by :meth:`MultiChannelHSTU.check_batch_sync`.
+
+    Attributes:
+        channels: per channel name, the facts of its ``[history | candidates]`` sequences
+            (``num_targets`` = the candidate counts, ``max_seq_len`` = the channel's longest,
+            at least 1, before its contextual prefix).
+    """
+
+    channels: Dict[str, JaggedBatchFacts]
 
 
 @dataclasses.dataclass
@@ -145,12 +158,64 @@ class MultiChannelHSTU(nn.Module):
             )
         return inputs[key]
 
+    def check_batch_sync(self, seq_embeddings: Dict[str, JaggedTensor]) -> Optional[MultiChannelBatchFacts]:
+        """The edge check of :meth:`forward`'s inputs: every channel's and the candidates'
+        lengths in one host read. None while tracing.
+
+        Checks each key's lengths against its values (non-negative, summing to the number of
+        rows) and each channel's longest ``contextual + history + candidates`` against
+        ``max_seq_len`` (when set). Pass the result to ``forward(..., batch_facts=facts)`` and
+        nothing is read from the device there.
+        """
+        cand_key = self.candidate_feature_name
+        cand_values, num_candidates = jagged_values_lengths(self._get(seq_embeddings, cand_key, "seq_embeddings", "all"))
+        parts = [num_candidates]
+        totals = [cand_values.shape[0]]
+        for name in self.channel_names:
+            hist_values, hist_lengths = jagged_values_lengths(self._get(seq_embeddings, name, "seq_embeddings", name))
+            if hist_lengths.shape != num_candidates.shape:
+                raise ValueError(
+                    f"seq_embeddings[{name!r}] has {hist_lengths.numel()} sequences but "
+                    f"seq_embeddings[{cand_key!r}] has {num_candidates.numel()}; both must have B lengths"
+                )
+            parts.append(hist_lengths.to(num_candidates.device))
+            totals.append(hist_values.shape[0])
+        # One jagged batch of (channels + 1) * B sequences: the candidates', then each history's.
+        all_lengths = torch.cat([p.to(torch.int64) for p in parts])
+        facts = check_jagged_batch_sync(
+            lengths_to_offsets(all_lengths), sum(totals), name=f"the lengths of seq_embeddings {[cand_key] + self.channel_names}"
+        )
+        if facts is None:
+            return None
+        batch_size = num_candidates.numel()
+        chunks = [facts.lengths[i * batch_size:(i + 1) * batch_size] for i in range(len(parts))]
+        for key, chunk, total in zip([cand_key] + self.channel_names, chunks, totals):
+            if sum(chunk) != total:
+                raise ValueError(
+                    f"seq_embeddings[{key!r}] has {total} rows but its lengths sum to {sum(chunk)}"
+                )
+        candidates = chunks[0]
+        channels: Dict[str, JaggedBatchFacts] = {}
+        for name, transducer, history in zip(self.channel_names, self.channels, chunks[1:]):
+            lengths = tuple(h + t for h, t in zip(history, candidates))
+            longest = max(lengths, default=0)
+            prefix = transducer.contextual_seq_len
+            if self.max_seq_len > 0 and longest + prefix > self.max_seq_len:
+                raise ValueError(
+                    f"channel {name!r}: a sequence has {longest + prefix} tokens (contextual {prefix} + "
+                    f"history + candidates), more than max_seq_len={self.max_seq_len}; truncate histories "
+                    "to fit or raise max_seq_len"
+                )
+            channels[name] = JaggedBatchFacts(lengths=lengths, num_targets=candidates, max_seq_len=max(longest, 1))
+        return MultiChannelBatchFacts(channels=channels)
+
     def forward(
         self,
         seq_embeddings: Dict[str, JaggedTensor],
         seq_timestamps: Optional[Dict[str, JaggedOrTensor]] = None,
         seq_actions: Optional[Dict[str, JaggedOrTensor]] = None,
         contextual_embeddings: Optional[torch.Tensor] = None,
+        batch_facts: Optional[MultiChannelBatchFacts] = None,
     ) -> MultiChannelHSTUOutput:
         """
         Args:
@@ -161,10 +226,14 @@ class MultiChannelHSTU(nn.Module):
                 are present.
             seq_actions: optional, channel keys: ``[L_c]`` int action bitmasks.
             contextual_embeddings: optional ``[B, C, F]`` for channels with contextual tokens.
+            batch_facts: :meth:`check_batch_sync` of these inputs (None: checked here, one
+                host read).
 
         Returns:
             :class:`MultiChannelHSTUOutput`, candidate embeddings ``[T, sum_c d_c]``.
         """
+        if batch_facts is None:
+            batch_facts = self.check_batch_sync(seq_embeddings)
         cand_key = self.candidate_feature_name
         candidates = self._get(seq_embeddings, cand_key, "seq_embeddings", "all")
         cand_values, num_candidates = jagged_values_lengths(candidates)
@@ -202,13 +271,15 @@ class MultiChannelHSTU(nn.Module):
                     hist_offsets,
                     cand_offsets,
                 )
+            facts = None if batch_facts is None else batch_facts.channels[name]
             out = transducer(
                 jagged_tensor(values, lengths_to_offsets(lengths)),
                 seq_timestamps=timestamps,
                 num_targets=num_candidates,
                 contextual_embeddings=contextual_embeddings,
                 seq_actions=actions,
-                max_seq_len=self._channel_max_seq_len(name, transducer, lengths),
+                max_seq_len=self._traced_max_seq_len(transducer, lengths) if facts is None else facts.max_seq_len,
+                batch_facts=facts,
             )
             outputs[name] = out.candidate_embeddings
         merged = torch.cat([outputs[name].values() for name in self.channel_names], dim=-1)
@@ -217,22 +288,12 @@ class MultiChannelHSTU(nn.Module):
             channel_embeddings=outputs,
         )
 
-    def _channel_max_seq_len(self, name: str, transducer: HSTUTransducer, lengths: torch.Tensor) -> int:
-        """Longest channel sequence before the contextual prefix (the transducer adds it)."""
-        prefix = transducer.contextual_seq_len
-        if is_tracing():
-            # The exact batch maximum as an unbacked size, so an exported model pads and scales
-            # (scaling_seqlen=-1) as eager does; the bound becomes a runtime assertion.
-            longest_traced = torch.cat([lengths, lengths.new_ones(1)]).max().item()
-            torch._check(longest_traced >= 1)
-            if self.max_seq_len > 0:
-                torch._check(longest_traced + prefix <= self.max_seq_len)
-            return longest_traced
-        longest = int(lengths.max()) if lengths.numel() > 0 else 0
-        if self.max_seq_len > 0 and longest + prefix > self.max_seq_len:
-            raise ValueError(
-                f"channel {name!r}: a sequence has {longest + prefix} tokens (contextual {prefix} + "
-                f"history + candidates), more than max_seq_len={self.max_seq_len}; truncate histories "
-                "to fit or raise max_seq_len"
-            )
-        return max(longest, 1)
+    def _traced_max_seq_len(self, transducer: HSTUTransducer, lengths: torch.Tensor) -> int:
+        """Under tracing: the channel's exact batch maximum as an unbacked size, so an exported
+        model pads and scales (``scaling_seqlen=-1``) as eager does; the bound becomes a runtime
+        assertion."""
+        longest_traced = torch.cat([lengths, lengths.new_ones(1)]).max().item()
+        torch._check(longest_traced >= 1)
+        if self.max_seq_len > 0:
+            torch._check(longest_traced + transducer.contextual_seq_len <= self.max_seq_len)
+        return longest_traced

@@ -10,23 +10,33 @@ One layer, on jagged token embeddings ``x: [L, d]``::
 import dataclasses
 import logging
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, to_kernel
+from torchrec_hstu.ops.common import (
+    AttentionOptions,
+    HSTUKernel,
+    JaggedBatchFacts,
+    check_jagged_batch_sync,
+    is_tracing,
+    to_kernel,
+)
 from torchrec_hstu.modules.kv_cache import (
+    DeltaStepStats,
     STULayerKVCache,
     STUStackKVCache,
     _param_fingerprint,
+    batch_key_flag,
     check_append_targets,
     check_batch_key,
     check_delta_step,
     check_layer_cache,
     check_prefill,
     check_prefix_offsets,
-    delta_step_stats,
+    delta_step_stats_sync,
+    prefix_offsets_flag,
     resolve_delta_offsets,
 )
 from torchrec_hstu.ops.delta_attention import delta_hstu_attention
@@ -179,6 +189,7 @@ class STULayer(nn.Module):
         max_seq_len: int,
         num_targets: Optional[torch.Tensor] = None,
         attention_cache: Optional[Dict[str, Any]] = None,
+        batch_facts: Optional[JaggedBatchFacts] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -187,11 +198,17 @@ class STULayer(nn.Module):
             max_seq_len: batch maximum length.
             num_targets: optional ``[B]`` trailing targets (ignored unless ``target_aware``).
             attention_cache: per-batch cache shared by the layers of a stack.
+            batch_facts: the batch's facts from the caller's edge check
+                (:func:`~torchrec_hstu.ops.common.check_jagged_batch_sync`): nothing is read
+                from the device then. None: the layer is the edge and checks the values (one
+                host sync).
 
         Returns:
             ``[L, d]``.
         """
         targets = num_targets if self.config.target_aware else None
+        if batch_facts is None:
+            check_jagged_batch_sync(x_offsets, x.shape[0], max_seq_len, targets)
         u, attn, _, _ = self._attend(x, x_offsets, max_seq_len, targets, attention_cache)
         return self._output(attn, u, x)
 
@@ -203,7 +220,8 @@ class STULayer(nn.Module):
         num_targets: Optional[torch.Tensor],
         attention_cache: Optional[Dict[str, Any]],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input norm, u/v/q/k projection and attention: ``(u, attn, k, v)``."""
+        """Input norm, u/v/q/k projection and attention: ``(u, attn, k, v)``; the batch's
+        values were checked by the caller (no host read here)."""
         cfg = self.config
         return hstu_preprocess_and_attention(
             x,
@@ -224,6 +242,7 @@ class STULayer(nn.Module):
             recompute_normed_x=cfg.recompute_normed_x,
             recompute_uvqk=cfg.recompute_uvqk,
             cache=attention_cache,
+            check_values=False,
         )
 
     # ---------------------------------------------------------------- KV-cached inference
@@ -234,6 +253,7 @@ class STULayer(nn.Module):
         x_offsets: torch.Tensor,
         max_seq_len: int,
         attention_cache: Optional[Dict[str, Any]] = None,
+        batch_facts: Optional[JaggedBatchFacts] = None,
     ) -> Tuple[torch.Tensor, STULayerKVCache]:
         """Forward on the cached prefixes, keeping their keys and values for delta steps.
 
@@ -246,11 +266,15 @@ class STULayer(nn.Module):
             max_seq_len: batch maximum of the *full* lengths (prefix + later delta tokens) the
                 cache serves; with ``scaling_seqlen=-1`` it divides this and every later step.
             attention_cache: per-batch cache shared by the layers of a stack.
+            batch_facts: the prefixes' facts from the caller's edge check (None: checked here,
+                one host sync).
 
         Returns:
             ``(out [Lc, d], STULayerKVCache)``.
         """
-        check_prefill(self.attention_options, x_offsets)
+        if batch_facts is None:
+            batch_facts = check_jagged_batch_sync(x_offsets, x.shape[0], max_seq_len)
+        check_prefill(self.attention_options, batch_facts)
         u, attn, k, v = self._attend(x, x_offsets, max_seq_len, None, attention_cache)
         out = self._output(attn, u, x)
         kv_cache = STULayerKVCache(
@@ -278,7 +302,7 @@ class STULayer(nn.Module):
 
         Equals the last ``d_b`` rows of :meth:`forward` on ``[prefix | delta]`` with
         ``max_seq_len=kv_cache.max_seq_len`` (see :mod:`torchrec_hstu.modules.kv_cache` for
-        what is refused to keep that true).
+        what is refused to keep that true). The step's values are checked with one host read.
 
         Args:
             delta_x: ``[L', d]`` embeddings of the new tokens (``d_b`` per sequence).
@@ -294,10 +318,13 @@ class STULayer(nn.Module):
             ``(out [L', d], cache)``: the cache is ``kv_cache`` itself unless ``append``.
         """
         check_layer_cache(self, kv_cache, delta_x)
-        check_prefix_offsets(kv_cache.offsets, prefix_offsets, "STULayerKVCache")
+        same_prefix = prefix_offsets_flag(kv_cache.offsets, prefix_offsets, "STULayerKVCache")
         check_append_targets(num_targets, append)
         delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
-        stats = delta_step_stats(kv_cache.offsets, delta_offsets, num_targets)
+        stats = delta_step_stats_sync(
+            kv_cache.offsets, delta_offsets, delta_x.shape[0], num_targets, flags=[same_prefix]
+        )
+        check_prefix_offsets(stats, 0, kv_cache.offsets, prefix_offsets, "STULayerKVCache")
         check_delta_step(
             self.attention_options,
             stats,
@@ -315,7 +342,7 @@ class STULayer(nn.Module):
         num_targets: Optional[torch.Tensor],
         append: bool,
     ) -> Tuple[torch.Tensor, STULayerKVCache]:
-        """:meth:`cached_forward` after its checks."""
+        """:meth:`cached_forward` after its checks (no host read)."""
         cfg = self.config
         u, q, k, v = hstu_compute_uqvk(
             delta_x,
@@ -344,6 +371,7 @@ class STULayer(nn.Module):
             num_targets=num_targets if cfg.target_aware else None,
             delta_offsets=delta_offsets,
             kernel=self.kernel,
+            check_values=False,
         )
         out = self._output(attn.reshape(-1, cfg.num_heads * cfg.hidden_dim), u, delta_x)
         return out, (kv_cache.appended(full_k, full_v, full_offsets) if append else kv_cache)
@@ -431,12 +459,39 @@ class STUStack(nn.Module):
         self.attn_truncation_split_layer = attn_truncation_split_layer
         self.attn_truncation_tail_len = attn_truncation_tail_len
 
+    @classmethod
+    def uniform(
+        cls,
+        stu: Dict[str, Any],
+        num_layers: int,
+        contextual_seq_len: int = 0,
+        attn_truncation_split_layer: int = 0,
+        attn_truncation_tail_len: int = 0,
+        kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
+    ) -> "STUStack":
+        """``num_layers`` identical layers from one :class:`STULayer` kwargs dict (the ``STU``
+        message's fields); ``stu["contextual_seq_len"]`` -1 (or missing) takes
+        ``contextual_seq_len``, the transducer preprocessor's prefix.
+
+        Example::
+
+            >>> stack = STUStack.uniform(dict(embedding_dim=16, num_heads=2, hidden_dim=8, attention_dim=8), 3)
+            >>> len(stack.layers)
+            3
+        """
+        stu = dict(stu)
+        if stu.get("contextual_seq_len", -1) < 0:
+            stu["contextual_seq_len"] = contextual_seq_len
+        layers = [STULayer(kernel=kernel, **stu) for _ in range(num_layers)]
+        return cls(layers, attn_truncation_split_layer, attn_truncation_tail_len)
+
     def forward(
         self,
         x: torch.Tensor,
         x_offsets: torch.Tensor,
         max_seq_len: int,
         num_targets: Optional[torch.Tensor] = None,
+        batch_facts: Optional[JaggedBatchFacts] = None,
     ) -> STUStackOutput:
         """
         Args:
@@ -444,9 +499,38 @@ class STUStack(nn.Module):
             x_offsets: ``[B + 1]``.
             max_seq_len: batch maximum length.
             num_targets: optional ``[B]``.
+            batch_facts: the batch's facts from the caller's edge check
+                (:func:`~torchrec_hstu.ops.common.check_jagged_batch_sync` with these offsets,
+                ``max_seq_len`` and ``num_targets``): no layer reads the device then. None: the
+                stack is the edge and checks the values here (one host sync).
 
         Returns:
             :class:`STUStackOutput`; after truncation ``x`` has the new layout.
+        """
+        if batch_facts is None:
+            batch_facts = check_jagged_batch_sync(x_offsets, x.shape[0], max_seq_len, num_targets)
+
+        def run(layer: STULayer, x: torch.Tensor, offsets: torch.Tensor, max_len: int, facts, cache) -> torch.Tensor:
+            return layer(x, offsets, max_len, num_targets, attention_cache=cache, batch_facts=facts)
+
+        return self._run_layers(run, x, x_offsets, max_seq_len, num_targets, batch_facts, truncated_max=True)
+
+    def _run_layers(
+        self,
+        run: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        x_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_targets: Optional[torch.Tensor],
+        facts: Optional[JaggedBatchFacts],
+        truncated_max: bool,
+    ) -> STUStackOutput:
+        """The layer loop of :meth:`forward` and :meth:`prefill`: ``run(layer, x, offsets,
+        max_seq_len, facts, attention_cache)`` per layer, truncating at the split layer.
+
+        The truncation plan comes from the host ``facts`` (None only while tracing), so
+        nothing is read from the device. With ``truncated_max`` the layers after the split get
+        the truncated batch maximum, else ``max_seq_len`` (prefill: the cache's divisor).
         """
         plan: Optional[TruncationPlan] = None
         # Masks and length groups depend only on the layout: build once, rebuilt after truncation.
@@ -460,12 +544,15 @@ class STUStack(nn.Module):
                     self.attn_truncation_tail_len,
                     contextual_seq_len=layer.attention_options.contextual_seq_len,
                     max_seq_len=max_seq_len,
+                    facts=facts,
                 )
                 x = plan.apply(x)
                 x_offsets = plan.new_offsets
-                max_seq_len = torch.sym_max(plan.new_max_seq_len, 1)
+                facts = plan.new_facts
+                if truncated_max:
+                    max_seq_len = torch.sym_max(plan.new_max_seq_len, 1)
                 cache = {}
-            x = layer(x, x_offsets, max_seq_len, num_targets, attention_cache=cache)
+            x = run(layer, x, x_offsets, max_seq_len, facts, cache)
         return STUStackOutput(x=x, x_offsets=x_offsets, max_seq_len=max_seq_len, truncation_plan=plan)
 
     # ---------------------------------------------------------------- KV-cached inference
@@ -476,6 +563,7 @@ class STUStack(nn.Module):
         x_offsets: torch.Tensor,
         max_seq_len: int,
         batch_key: Optional[torch.Tensor] = None,
+        batch_facts: Optional[JaggedBatchFacts] = None,
     ) -> Tuple[STUStackOutput, STUStackKVCache]:
         """Encode cached prefixes (history, no targets) and return every layer's keys/values.
 
@@ -484,6 +572,8 @@ class STUStack(nn.Module):
             x_offsets: ``[B + 1]``.
             max_seq_len: batch maximum of the full lengths (prefix + later delta tokens).
             batch_key: optional tensor (e.g. user ids ``[B]``) every delta step must repeat.
+            batch_facts: the prefixes' facts from the caller's edge check (None: checked here,
+                one host sync).
 
         Returns:
             ``(STUStackOutput of the prefixes, STUStackKVCache)``.
@@ -508,24 +598,16 @@ class STUStack(nn.Module):
                     f"layer from attn_truncation_split_layer={split} on: with -1 their divisor is the truncated "
                     "batch maximum, which depends on the candidates not yet known at prefill"
                 )
-        plan: Optional[TruncationPlan] = None
-        offsets = x_offsets
-        cache: Dict[str, Any] = {}
+        if batch_facts is None:
+            batch_facts = check_jagged_batch_sync(x_offsets, x.shape[0], max_seq_len)
         layer_caches: List[STULayerKVCache] = []
-        for index, layer in enumerate(self.layers):
-            if index > 0 and index == split:
-                plan = compute_truncation_plan(
-                    offsets,
-                    None,
-                    self.attn_truncation_tail_len,
-                    contextual_seq_len=layer.attention_options.contextual_seq_len,
-                    max_seq_len=max_seq_len,
-                )
-                x = plan.apply(x)
-                offsets = plan.new_offsets
-                cache = {}
-            x, layer_cache = layer.prefill(x, offsets, max_seq_len, attention_cache=cache)
+
+        def run(layer: STULayer, x: torch.Tensor, offsets: torch.Tensor, max_len: int, facts, cache) -> torch.Tensor:
+            out, layer_cache = layer.prefill(x, offsets, max_len, attention_cache=cache, batch_facts=facts)
             layer_caches.append(layer_cache)
+            return out
+
+        output = self._run_layers(run, x, x_offsets, max_seq_len, None, batch_facts, truncated_max=False)
         kv_cache = STUStackKVCache(
             layers=tuple(layer_caches),
             offsets=x_offsets.to(torch.int64),
@@ -534,7 +616,6 @@ class STUStack(nn.Module):
             batch_key=None if batch_key is None else batch_key.detach().clone(),
             truncated=split > 0,
         )
-        output = STUStackOutput(x=x, x_offsets=offsets, max_seq_len=max_seq_len, truncation_plan=plan)
         return output, kv_cache
 
     def cached_forward(
@@ -547,11 +628,14 @@ class STUStack(nn.Module):
         num_targets: Optional[torch.Tensor] = None,
         append: bool = False,
         batch_key: Optional[torch.Tensor] = None,
+        step_stats: Optional[DeltaStepStats] = None,
     ) -> Tuple[torch.Tensor, STUStackKVCache]:
         """Run only the new tokens through every layer against the cache.
 
         Equals the last ``d_b`` rows of :meth:`forward` on ``[prefix | delta]`` with
         ``max_seq_len=kv_cache.max_seq_len`` (refusals: :mod:`torchrec_hstu.modules.kv_cache`).
+        The step's values (prefix offsets, ``batch_key``, delta offsets, ``num_targets``) are
+        read once, unless the caller passes them as ``step_stats``.
 
         Args:
             delta_x: ``[L', d]`` new tokens (``d_b`` per sequence).
@@ -564,6 +648,10 @@ class STUStack(nn.Module):
                 delta tokens are history.
             append: return a cache with the delta appended (history only, no truncation).
             batch_key: must equal the prefill's ``batch_key`` when one was given.
+            step_stats: the step's facts from the caller's edge check
+                (:func:`~torchrec_hstu.modules.kv_cache.delta_step_stats_sync` over
+                ``kv_cache.offsets`` and these ``delta_offsets`` / ``num_targets``, having
+                checked the batch identity itself): nothing is read here then.
 
         Returns:
             ``(out [L', d], cache)``: the cache is ``kv_cache`` itself unless ``append``.
@@ -572,16 +660,21 @@ class STUStack(nn.Module):
             raise ValueError(f"kv_cache must be an STUStackKVCache (from STUStack.prefill); got {type(kv_cache)}")
         if kv_cache.stack_id != id(self) or len(kv_cache.layers) != len(self.layers):
             raise ValueError("kv_cache was built by another STUStack; pass the cache this stack's prefill returned")
-        check_prefix_offsets(kv_cache.offsets, prefix_offsets, "STUStackKVCache")
-        check_batch_key(kv_cache.batch_key, batch_key)
         check_append_targets(num_targets, append)
         delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
-        stats = delta_step_stats(kv_cache.offsets, delta_offsets, num_targets)
+        if step_stats is None:
+            flags = [
+                prefix_offsets_flag(kv_cache.offsets, prefix_offsets, "STUStackKVCache"),
+                batch_key_flag(kv_cache.batch_key, batch_key),
+            ]
+            step_stats = delta_step_stats_sync(kv_cache.offsets, delta_offsets, delta_x.shape[0], num_targets, flags)
+            check_prefix_offsets(step_stats, 0, kv_cache.offsets, prefix_offsets, "STUStackKVCache")
+            check_batch_key(step_stats, 1)
         for layer, layer_cache in zip(self.layers, kv_cache.layers):
             check_layer_cache(layer, layer_cache, delta_x)
             check_delta_step(
                 layer.attention_options,
-                stats,
+                step_stats,
                 kv_cache.max_seq_len,
                 targets_passed=num_targets is not None and layer.config.target_aware,
                 append=append,
