@@ -307,6 +307,32 @@ def delta_step_stats_sync(
     )
 
 
+def check_delta_batch_sync(
+    cache_offsets: torch.Tensor,
+    prefix_offsets: torch.Tensor,
+    what: str,
+    delta_x: torch.Tensor,
+    delta_offsets: Optional[torch.Tensor],
+    num_targets: Optional[torch.Tensor],
+    append: bool,
+    cache_key: Optional[torch.Tensor] = None,
+    batch_key: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[DeltaStepStats]]:
+    """The edge check of a layer's or stack's delta step: same batch (``prefix_offsets``,
+    ``batch_key``), valid delta offsets and targets, in one host read.
+
+    Returns:
+        ``(delta_offsets as int64 [B + 1], DeltaStepStats or None while tracing)``.
+    """
+    check_append_targets(num_targets, append)
+    delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, cache_offsets.numel() - 1)
+    flags = [prefix_offsets_flag(cache_offsets, prefix_offsets, what), batch_key_flag(cache_key, batch_key)]
+    stats = delta_step_stats_sync(cache_offsets, delta_offsets, delta_x.shape[0], num_targets, flags)
+    check_prefix_offsets(stats, 0, cache_offsets, prefix_offsets, what)
+    check_batch_key(stats, 1)
+    return delta_offsets, stats
+
+
 def check_delta_step(
     options: AttentionOptions,
     stats: Optional[DeltaStepStats],

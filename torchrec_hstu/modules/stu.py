@@ -28,15 +28,11 @@ from torchrec_hstu.modules.kv_cache import (
     STULayerKVCache,
     STUStackKVCache,
     _param_fingerprint,
-    batch_key_flag,
     check_append_targets,
-    check_batch_key,
+    check_delta_batch_sync,
     check_delta_step,
     check_layer_cache,
     check_prefill,
-    check_prefix_offsets,
-    delta_step_stats_sync,
-    prefix_offsets_flag,
     resolve_delta_offsets,
 )
 from torchrec_hstu.ops.delta_attention import delta_hstu_attention
@@ -212,6 +208,20 @@ class STULayer(nn.Module):
         u, attn, _, _ = self._attend(x, x_offsets, max_seq_len, targets, attention_cache)
         return self._output(attn, u, x)
 
+    def _projection(self) -> Tuple[Any, ...]:
+        """The input norm and u/v/q/k projection arguments of :func:`hstu_compute_uqvk` after ``x``."""
+        cfg = self.config
+        return (
+            self.input_norm_weight,
+            self.input_norm_bias,
+            STU_NORM_EPS,
+            cfg.num_heads,
+            cfg.attention_dim,
+            cfg.hidden_dim,
+            self.uvqk_weight,
+            self.uvqk_beta,
+        )
+
     def _attend(
         self,
         x: torch.Tensor,
@@ -225,14 +235,7 @@ class STULayer(nn.Module):
         cfg = self.config
         return hstu_preprocess_and_attention(
             x,
-            self.input_norm_weight,
-            self.input_norm_bias,
-            STU_NORM_EPS,
-            cfg.num_heads,
-            cfg.attention_dim,
-            cfg.hidden_dim,
-            self.uvqk_weight,
-            self.uvqk_beta,
+            *self._projection(),
             max_seq_len,
             x_offsets,
             cfg.alpha,
@@ -318,13 +321,9 @@ class STULayer(nn.Module):
             ``(out [L', d], cache)``: the cache is ``kv_cache`` itself unless ``append``.
         """
         check_layer_cache(self, kv_cache, delta_x)
-        same_prefix = prefix_offsets_flag(kv_cache.offsets, prefix_offsets, "STULayerKVCache")
-        check_append_targets(num_targets, append)
-        delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
-        stats = delta_step_stats_sync(
-            kv_cache.offsets, delta_offsets, delta_x.shape[0], num_targets, flags=[same_prefix]
+        delta_offsets, stats = check_delta_batch_sync(
+            kv_cache.offsets, prefix_offsets, "STULayerKVCache", delta_x, delta_offsets, num_targets, append
         )
-        check_prefix_offsets(stats, 0, kv_cache.offsets, prefix_offsets, "STULayerKVCache")
         check_delta_step(
             self.attention_options,
             stats,
@@ -346,14 +345,7 @@ class STULayer(nn.Module):
         cfg = self.config
         u, q, k, v = hstu_compute_uqvk(
             delta_x,
-            self.input_norm_weight,
-            self.input_norm_bias,
-            STU_NORM_EPS,
-            cfg.num_heads,
-            cfg.attention_dim,
-            cfg.hidden_dim,
-            self.uvqk_weight,
-            self.uvqk_beta,
+            *self._projection(),
             recompute_normed_x=cfg.recompute_normed_x,
             recompute_uvqk=cfg.recompute_uvqk,
         )
@@ -660,16 +652,14 @@ class STUStack(nn.Module):
             raise ValueError(f"kv_cache must be an STUStackKVCache (from STUStack.prefill); got {type(kv_cache)}")
         if kv_cache.stack_id != id(self) or len(kv_cache.layers) != len(self.layers):
             raise ValueError("kv_cache was built by another STUStack; pass the cache this stack's prefill returned")
-        check_append_targets(num_targets, append)
-        delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
         if step_stats is None:
-            flags = [
-                prefix_offsets_flag(kv_cache.offsets, prefix_offsets, "STUStackKVCache"),
-                batch_key_flag(kv_cache.batch_key, batch_key),
-            ]
-            step_stats = delta_step_stats_sync(kv_cache.offsets, delta_offsets, delta_x.shape[0], num_targets, flags)
-            check_prefix_offsets(step_stats, 0, kv_cache.offsets, prefix_offsets, "STUStackKVCache")
-            check_batch_key(step_stats, 1)
+            delta_offsets, step_stats = check_delta_batch_sync(
+                kv_cache.offsets, prefix_offsets, "STUStackKVCache", delta_x, delta_offsets, num_targets, append,
+                kv_cache.batch_key, batch_key,
+            )
+        else:
+            check_append_targets(num_targets, append)
+            delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
         for layer, layer_cache in zip(self.layers, kv_cache.layers):
             check_layer_cache(layer, layer_cache, delta_x)
             check_delta_step(
