@@ -27,9 +27,17 @@ CLI::
 
     python -m torchrec_hstu.predict --package model.pt2 --input requests.jsonl [--output out.jsonl]
 
+Timestamps are seconds, ``0 <= t <= 2^63 - 1``, non-decreasing within each history (a request's
+history in retrieval, a (channel, request) history in ranking); anything else is refused, so
+no difference of two timestamps overflows int64.
+
+Before the package is loaded its sha256 is checked against the signature (a ``.pt2`` and a
+``.json`` from different exports, a truncated or changed package are refused); after loading,
+the model sizes stored in the package must equal the signature's.
+
 Bad inputs (missing file, wrong dtype, lengths not summing to the values, a sequence longer
-than the exported bound, ids out of range, ...) print ``error: <file>: batch <i>: <what>`` and
-exit with status 2.
+than the exported bound, ids out of range, timestamps out of order, ...) print
+``error: <file>: batch <i>: <what>`` and exit with status 2 (``--debug``: the traceback).
 """
 
 import argparse
@@ -41,13 +49,15 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from torchrec_hstu.export import RANKING, RETRIEVAL, ModelSignature, signature_path_for
+from torchrec_hstu.cli import UserError, add_debug_flag, run_cli
+from torchrec_hstu.export.signature import RANKING, RETRIEVAL, ModelSignature, signature_path_for
 
 __all__ = ["Predictor", "check_batch", "main", "read_batches", "format_output"]
 
 BatchLike = Mapping[str, Union[torch.Tensor, Sequence[int]]]
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _as_int64(name: str, value: Any) -> torch.Tensor:
@@ -65,10 +75,11 @@ def _as_int64(name: str, value: Any) -> torch.Tensor:
                 raise ValueError(
                     f"{name} must be a flat list of integers (int64); element {index} is {kind} ({item!r})"
                 )
-        try:
-            return torch.tensor(list(value), dtype=torch.int64)
-        except (OverflowError, RuntimeError) as err:
-            raise ValueError(f"{name} has values outside the int64 range ({err})") from err
+            if not _INT64_MIN <= item <= _INT64_MAX:
+                raise ValueError(
+                    f"{name} must hold int64 values (-2^63 .. 2^63-1); element {index} is {item}"
+                )
+        return torch.tensor(list(value), dtype=torch.int64)
     raise ValueError(f"{name} must be a list of integers or an integer tensor; got {type(value).__name__}")
 
 
@@ -84,6 +95,27 @@ def _check_same_size(names: Sequence[str], tensors: Mapping[str, torch.Tensor]) 
     sizes = {name: tensors[name].numel() for name in names}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"{', '.join(names)} must have the same length; got {sizes}")
+
+
+def _check_timestamps(name: str, timestamps: torch.Tensor, lengths: Optional[torch.Tensor] = None, what: str = "") -> None:
+    """Timestamps >= 0 and, given ``lengths``, non-decreasing within each history (its segments)."""
+    if timestamps.numel() and int(timestamps.min()) < 0:
+        index = int(torch.nonzero(timestamps < 0)[0])
+        raise ValueError(
+            f"{name} must be seconds >= 0 (0 .. 2^63-1, so no difference overflows int64); "
+            f"element {index} is {int(timestamps[index])}"
+        )
+    if lengths is None or timestamps.numel() < 2:
+        return
+    segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    backwards = (timestamps[1:] < timestamps[:-1]) & (segment[1:] == segment[:-1])
+    if bool(backwards.any()):
+        index = int(torch.nonzero(backwards)[0]) + 1
+        raise ValueError(
+            f"{name} must be non-decreasing within each {what} (oldest first); element {index} "
+            f"({int(timestamps[index])}) is earlier than element {index - 1} ({int(timestamps[index - 1])}) "
+            f"of {what} {int(segment[index])}"
+        )
 
 
 def check_batch(signature: ModelSignature, batch: BatchLike) -> List[torch.Tensor]:
@@ -116,6 +148,7 @@ def check_batch(signature: ModelSignature, batch: BatchLike) -> List[torch.Tenso
         if batch_size < 1 or bool((lengths < 1).any()):
             raise ValueError(f"lengths must hold B >= 1 values, each >= 1 (retrieval needs a history); got {lengths.tolist()[:16]}")
         _check_sum("lengths", lengths, "item_ids", t["item_ids"])
+        _check_timestamps("timestamps", t["timestamps"], lengths, "history")
         longest = int(lengths.max())
         ids = {"item_ids": t["item_ids"]}
     else:
@@ -139,6 +172,8 @@ def check_batch(signature: ModelSignature, batch: BatchLike) -> List[torch.Tenso
         _check_sum("num_targets", num_targets, "candidate_ids", t["candidate_ids"])
         if t["candidate_ids"].numel() < 1:
             raise ValueError("the batch has no candidates (sum(num_targets) must be >= 1)")
+        _check_timestamps("history_timestamps", t["history_timestamps"], history_lengths, "(channel, request) history")
+        _check_timestamps("candidate_timestamps", t["candidate_timestamps"])
         if bool((t["history_actions"] < 0).any()):
             raise ValueError("history_actions must be >= 0 (action bitmasks)")
         per_channel = history_lengths.view(num_channels, batch_size) + num_targets.unsqueeze(0)
@@ -229,25 +264,50 @@ class Predictor:
     def __init__(self, package_path: str, signature_path: Optional[str] = None) -> None:
         if not os.path.isfile(package_path):
             raise FileNotFoundError(f"package not found: {package_path}")
+        self.package_path = package_path
         self.signature = ModelSignature.load(signature_path or signature_path_for(package_path))
+        self.signature.check_package(package_path)
         if self.signature.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{package_path} was compiled for CUDA but CUDA is not available here")
+            raise UserError(f"{package_path} was compiled for CUDA but CUDA is not available here")
         for module in self.signature.op_modules:
             importlib.import_module(module)
         self.device = torch.device(self.signature.device)
-        self.runner = torch._inductor.aoti_load_package(package_path)
+        try:
+            self.runner = torch._inductor.aoti_load_package(package_path)
+        except (RuntimeError, OSError, ValueError, KeyError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise UserError(f"{package_path}: cannot load the AOTInductor package ({reason})") from err
+        self.signature.check_package_sizes(package_path, self.runner.get_metadata())
 
     def run(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Run already-validated positional inputs (see :func:`check_batch`)."""
+        """Run already-validated positional inputs (see :func:`check_batch`).
+
+        Raises:
+            RuntimeError: the output's shape is not the signature's (a package fault).
+        """
         with torch.inference_mode():
-            return self.runner(*[x.to(self.device) for x in inputs])
+            output = self.runner(*[x.to(self.device) for x in inputs])
+        if isinstance(output, (list, tuple)):
+            (output,) = output
+        signature = self.signature
+        if signature.model_type == RETRIEVAL:
+            expected = (inputs[signature.input_names.index("lengths")].numel(), signature.num_items)
+        else:
+            expected = (inputs[signature.input_names.index("candidate_ids")].numel(), len(signature.task_names))
+        if tuple(output.shape) != expected:
+            raise RuntimeError(
+                f"{self.package_path} returned {signature.output_name} of shape {list(output.shape)}; its signature "
+                f"says {list(expected)}"
+            )
+        return output
 
     def __call__(self, batch: BatchLike) -> torch.Tensor:
         """Validate ``batch`` and return the package output (``scores`` / ``logits``)."""
         return self.run(check_batch(self.signature, batch))
 
 
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m torchrec_hstu.predict``."""
     parser = argparse.ArgumentParser(
         prog="python -m torchrec_hstu.predict",
         description="Score request batches with an AOTInductor package from torchrec_hstu.export.",
@@ -256,26 +316,28 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="request batches: .jsonl, .json or .pt")
     parser.add_argument("--output", default=None, help="write JSON lines here (default: print)")
     parser.add_argument("--top-k", type=int, default=10, help="retrieval: items per request (0: all scores)")
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; returns the exit status (2 for bad arguments or inputs)."""
-    args = _parse_args(argv)
-    try:
-        predictor = Predictor(args.package)
-        records: List[str] = []
-        for index, (where, batch) in enumerate(read_batches(args.input)):
-            try:
-                inputs = check_batch(predictor.signature, batch)
-            except ValueError as err:
-                raise ValueError(f"{where}: batch {index}: {err}") from err
-            output = predictor.run(inputs)
-            record = {"batch": index, **format_output(predictor.signature, inputs, output, args.top_k)}
-            records.append(json.dumps(record))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Score the batches as the arguments say; returns 0.
+
+    Raises:
+        ValueError / FileNotFoundError: a user error; :func:`torchrec_hstu.cli.run_cli` prints it
+            as one line ``error: ...`` and exits 2.
+    """
+    args = build_parser().parse_args(argv)
+    predictor = Predictor(args.package)
+    records: List[str] = []
+    for index, (where, batch) in enumerate(read_batches(args.input)):
+        try:
+            inputs = check_batch(predictor.signature, batch)
+        except ValueError as err:
+            raise UserError(f"{where}: batch {index}: {err}") from err
+        output = predictor.run(inputs)
+        record = {"batch": index, **format_output(predictor.signature, inputs, output, args.top_k)}
+        records.append(json.dumps(record))
     text = "\n".join(records) + ("\n" if records else "")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
@@ -287,4 +349,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

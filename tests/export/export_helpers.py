@@ -12,6 +12,11 @@ from filelock import FileLock
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 TWO_CHANNEL_CONFIG = os.path.join(HERE, "configs", "two_channel.pbtxt")
+RETRIEVAL_CONFIG = os.path.join(HERE, "configs", "retrieval.pbtxt")
+#: Sizes of the shared retrieval package (:func:`retrieval_package_dir`).
+RETRIEVAL_NUM_ITEMS = 50
+RETRIEVAL_MAX_BATCH = 8
+RETRIEVAL_MAX_SEQ_LEN = 64
 
 #: Tolerances of package / exported-program outputs vs eager ``model.eval()`` (float32 models).
 #: High precision: inductor reorders float32 sums; about 1e-7 observed (2026-11-25, CPU).
@@ -77,6 +82,17 @@ def eager_output(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torc
         return model(**batch)
 
 
+def cli_status(main: Callable[..., int], argv: Sequence[str]) -> int:
+    """Exit status of ``run_cli(main, argv)`` (the ``python -m`` entry), in this process."""
+    from torchrec_hstu.cli import run_cli
+
+    try:
+        run_cli(main, list(argv))
+    except SystemExit as done:
+        return int(done.code or 0)
+    raise AssertionError("run_cli returned instead of exiting")
+
+
 def to_lists(batch: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:
     """The JSON form of a batch."""
     return {name: tensor.tolist() for name, tensor in batch.items()}
@@ -123,3 +139,27 @@ def shared_build(tmp_path_factory, name: str, build: Callable[[pathlib.Path], No
             build(directory)
             done.write_text("ok")
     return directory
+
+
+def retrieval_package_dir(tmp_path_factory) -> pathlib.Path:
+    """The retrieval package every test module shares (compiled once per session).
+
+    ``configs/retrieval.pbtxt``, a random model (seed 5) saved as ``state.pt`` and exported with
+    the Python API to ``retrieval.pt2`` + ``retrieval.json``.
+    """
+    from torchrec_hstu.config import load_config
+    from torchrec_hstu.export import export_model
+    from torchrec_hstu.models.build import build_model_from_config
+
+    def build(directory: pathlib.Path) -> None:
+        torch.manual_seed(5)
+        model = build_model_from_config(load_config(RETRIEVAL_CONFIG), num_items=RETRIEVAL_NUM_ITEMS).eval()
+        torch.save(model.state_dict(), directory / "state.pt")
+        out = str(directory / "retrieval.pt2")
+        result = export_model(
+            model, out, max_batch_size=RETRIEVAL_MAX_BATCH, max_seq_len=RETRIEVAL_MAX_SEQ_LEN,
+            inductor_configs={"aot_inductor.debug_compile": True},
+        )
+        assert result.package_path == out and os.path.isfile(result.signature_path)
+
+    return shared_build(tmp_path_factory, "export_retrieval", build)

@@ -12,7 +12,8 @@ import torch
 
 from export_helpers import FP32_ATOL, FP32_RTOL, eager_output, ranking_batch
 from torchrec_hstu.config import load_config
-from torchrec_hstu.export import FP8_OP, build_model_from_config, export_program, fp8_attention_nodes
+from torchrec_hstu.export import FP8_OP, export_program, fp8_attention_nodes
+from torchrec_hstu.models.build import build_model_from_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "fp8_modes.pbtxt")
 NUM_ITEMS = 60

@@ -20,7 +20,8 @@ import torch
 
 from export_helpers import eager_output, ranking_batch, run_module
 from torchrec_hstu.config import parse_config
-from torchrec_hstu.export import build_model_from_config, export_model, fp8_attention_nodes
+from torchrec_hstu.export import export_model, fp8_attention_nodes
+from torchrec_hstu.models.build import build_model_from_config
 
 pytestmark = pytest.mark.gpu
 

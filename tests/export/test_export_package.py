@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from export_helpers import (
+    cli_status,
     FP8_ATOL,
     FP8_RTOL,
     TWO_CHANNEL_CONFIG,
@@ -25,7 +26,8 @@ from export_helpers import (
 )
 from torchrec_hstu import export, predict
 from torchrec_hstu.config import load_config
-from torchrec_hstu.export import ModelSignature, build_model_from_config, load_checkpoint_state
+from torchrec_hstu.export import ModelSignature
+from torchrec_hstu.models.build import build_model_from_config, load_checkpoint_state
 
 NUM_ITEMS = 60
 MAX_BATCH = 8
@@ -115,7 +117,7 @@ def test_predict_cli_writes_scores(package, tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps(to_lists(b)) + "\n" for b in batches))
     scores = tmp_path / "scores.jsonl"
-    assert predict.main(["--package", out, "--input", str(requests), "--output", str(scores)]) == 0
+    assert cli_status(predict.main, ["--package", out, "--input", str(requests), "--output", str(scores)]) == 0
     assert "wrote 2 batches" in capsys.readouterr().err
     lines = [json.loads(line) for line in scores.read_text().splitlines()]
     assert [line["batch"] for line in lines] == [0, 1]
@@ -133,7 +135,7 @@ def _bad(tmp_path, package_path, name, content, capsys):
         path.write_text(content)
     else:
         torch.save(content, path)
-    status = predict.main(["--package", package_path, "--input", str(path)])
+    status = cli_status(predict.main, ["--package", package_path, "--input", str(path)])
     return status, capsys.readouterr().err
 
 
@@ -168,9 +170,9 @@ def test_bad_inputs_are_refused_with_clear_errors(package, tmp_path, capsys):
         assert status == 2, name
         assert message in err, (name, err)
         assert err.startswith("error: "), err
-    status = predict.main(["--package", out, "--input", str(tmp_path / "absent.jsonl")])
+    status = cli_status(predict.main, ["--package", out, "--input", str(tmp_path / "absent.jsonl")])
     assert status == 2 and "input file not found" in capsys.readouterr().err
-    status = predict.main(["--package", str(tmp_path / "absent.pt2"), "--input", str(tmp_path / "float.pt")])
+    status = cli_status(predict.main, ["--package", str(tmp_path / "absent.pt2"), "--input", str(tmp_path / "float.pt")])
     assert status == 2 and "package not found" in capsys.readouterr().err
 
 
@@ -200,12 +202,12 @@ def test_fresh_process_loads_without_model_code_and_exits_nonzero(package, tmp_p
 
 def test_export_cli_refuses_bad_arguments(tmp_path, capsys):
     args = ["--config", TWO_CHANNEL_CONFIG, "--out", str(tmp_path / "m.pt2")]
-    assert export.main(args + ["--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert cli_status(export.main, args + ["--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     torch.save({"model": {"embedding_collection.embeddings.item_table.weight": torch.zeros(5, 8)}}, tmp_path / "c.pt")
-    assert export.main(args + ["--checkpoint", str(tmp_path / "c.pt")]) == 2
-    assert "the checkpoint does not match the config" in capsys.readouterr().err
-    assert export.main(["--config", str(tmp_path / "none.pbtxt"), "--checkpoint", "x", "--out", "m.pt2"]) == 2
+    assert cli_status(export.main, args + ["--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "does not match the config" in capsys.readouterr().err
+    assert cli_status(export.main, ["--config", str(tmp_path / "none.pbtxt"), "--checkpoint", "x", "--out", "m.pt2"]) == 2
     assert "config not found" in capsys.readouterr().err
 
 

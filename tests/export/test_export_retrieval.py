@@ -6,33 +6,28 @@ import os
 import pytest
 import torch
 
-from export_helpers import FP32_ATOL, FP32_RTOL, eager_output, retrieval_batch, shared_build, to_lists
+from export_helpers import (
+    FP32_ATOL,
+    FP32_RTOL,
+    RETRIEVAL_CONFIG as CONFIG,
+    RETRIEVAL_MAX_BATCH as MAX_BATCH,
+    RETRIEVAL_MAX_SEQ_LEN as MAX_SEQ_LEN,
+    RETRIEVAL_NUM_ITEMS as NUM_ITEMS,
+    eager_output,
+    retrieval_batch,
+    retrieval_package_dir,
+    to_lists,
+)
 from torchrec_hstu import predict
 from torchrec_hstu.config import load_config
-from torchrec_hstu.export import build_model_from_config, export_model, export_program
-
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "retrieval.pbtxt")
-NUM_ITEMS = 50
-MAX_BATCH = 8
-MAX_SEQ_LEN = 64
+from torchrec_hstu.export import export_program
+from torchrec_hstu.models.build import build_model_from_config
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """``(package path, eager model)``, exported with the Python API once per session."""
-
-    def build(directory):
-        torch.manual_seed(5)
-        model = build_model_from_config(load_config(CONFIG), num_items=NUM_ITEMS).eval()
-        torch.save(model.state_dict(), directory / "state.pt")
-        out = str(directory / "retrieval.pt2")
-        result = export_model(
-            model, out, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
-            inductor_configs={"aot_inductor.debug_compile": True},
-        )
-        assert result.package_path == out and os.path.isfile(result.signature_path)
-
-    directory = shared_build(tmp_path_factory, "export_retrieval", build)
+    directory = retrieval_package_dir(tmp_path_factory)
     state = torch.load(directory / "state.pt", weights_only=True)
     model = build_model_from_config(load_config(CONFIG), state).eval()
     out = str(directory / "retrieval.pt2")
