@@ -14,7 +14,9 @@ from torchrec_hstu.config import (
     load_config,
     parse_config,
 )
-from torchrec_hstu.config import validation
+import dataclasses
+
+from torchrec_hstu.ops import backends
 from torchrec_hstu.modules import HSTUTransducer, MultiChannelHSTU, STULayer, STUStack
 from torchrec_hstu.ops.common import HSTUKernel
 
@@ -109,21 +111,36 @@ def test_sla_kernel_rule_lives_in_one_function(monkeypatch):
         kernel_supports_sla("FLASH")
     hstu = text_format.Parse(STU % "sla_k1: 2", hstu_pb2.HSTU())
     assert build_transducer(hstu, kernel="TRITON").stu_module.layers[0].kernel.value == "TRITON"
-    # A kernel without SLA (none today) is refused by config validation and the builders alike.
-    monkeypatch.setattr(validation, "SLA_KERNELS", {HSTUKernel.PYTORCH, HSTUKernel.CUTLASS})
+    # A kernel without SLA is refused by config validation and the builders alike.
+    without_sla(monkeypatch, "TRITON")
     assert not kernel_supports_sla("TRITON")
     with pytest.raises(ConfigError, match="kernel='TRITON' cannot run Semi-Local Attention"):
         build_transducer(hstu, kernel="TRITON")
     assert build_transducer(hstu, kernel="CUTLASS").stu_module.layers[0].kernel.value == "CUTLASS"
 
 
+def without_sla(monkeypatch, name: str) -> None:
+    """The backend table with ``name``'s row declaring no SLA."""
+    row = backends.BACKENDS[name]
+    caps = dataclasses.replace(row.capabilities, sla=False)
+    monkeypatch.setitem(backends.BACKENDS, name, dataclasses.replace(row, capabilities=caps))
+
+
 def test_kernel_override_is_validated_too(monkeypatch):
-    monkeypatch.setattr(validation, "SLA_KERNELS", {HSTUKernel.PYTORCH, HSTUKernel.CUTLASS})
+    without_sla(monkeypatch, "TRITON")
     cfg = parse_config(model(channel(stu_extra="sla_k1: 2")))
     with pytest.raises(ConfigError, match="kernel='TRITON' cannot run Semi-Local Attention"):
         build_multi_channel(cfg, kernel="TRITON")
-    with pytest.raises(ConfigError, match=r"kernel='AUTO' cannot run Semi-Local Attention \(hstu\[0\]\.stu\.sla_k1=2"):
-        parse_config(model(channel(stu_extra="sla_k1: 2"), extra="kernel: AUTO"))
+    # AUTO lacks nothing: it takes the first backend that can (PYTORCH runs everything).
+    parse_config(model(channel(stu_extra="sla_k1: 2"), extra="kernel: AUTO"))
+
+
+def test_config_validation_asks_the_backend_table():
+    # CUTLASS declares equal q/k and v head dims; the refusal names the capability and the path.
+    text = model("hstu { stu { embedding_dim: 8 num_heads: 2 hidden_dim: 8 attention_dim: 4 } }", extra="kernel: CUTLASS")
+    with pytest.raises(ConfigError, match=r"kernel='CUTLASS' cannot run different q/k and v head dims .*hstu\[0\]\.stu"):
+        parse_config(text)
+    parse_config(text.replace("kernel: CUTLASS", "kernel: TRITON"))
 
 
 def test_hstu_and_stu_messages_validate_standalone():

@@ -8,6 +8,7 @@ quant_mode) and computes with the reference / our FP8 emulation (or, for func wi
 a dense loop written here). Any plumbing mistake changes the result and fails the test.
 """
 
+import dataclasses
 import sys
 import types
 from typing import Dict, List
@@ -17,6 +18,7 @@ import torch
 from hypothesis import given
 
 from strategies import jagged_batches
+from torchrec_hstu.ops import backends
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
 from torchrec_hstu.ops.cutlass import build_sla_func_tensor, cutlass_available, cutlass_hstu_attention
 from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
@@ -214,8 +216,12 @@ def test_fp8_legacy_signature_and_fp16_output_cast_back(wheel, mode):
     assert "seqused_q" not in record[0]
 
 
-def test_dispatcher_cutlass_bf16_uses_the_wheel(wheel):
+def test_dispatcher_cutlass_bf16_uses_the_wheel(wheel, monkeypatch):
     record = wheel("fork")
+    # The stand-in computes on CPU; the table's CUTLASS rows declare CUDA only.
+    row = backends.BACKENDS["CUTLASS_FORK"]
+    caps = dataclasses.replace(row.capabilities, devices=frozenset({"cpu", "cuda"}))
+    monkeypatch.setitem(backends.BACKENDS, "CUTLASS_FORK", dataclasses.replace(row, capabilities=caps))
     q, k, v, offsets = inputs(LENGTHS)
     out = hstu_attention(q, k, v, offsets, 30, 0.25, AttentionOptions(), TARGETS, kernel=HSTUKernel.CUTLASS)
     assert len(record) == 1
@@ -225,7 +231,7 @@ def test_dispatcher_cutlass_bf16_uses_the_wheel(wheel):
 def test_refusals(wheel):
     q, k, v, offsets = inputs(LENGTHS)
     if not cutlass_available():
-        with pytest.raises(RuntimeError, match="fbgemm_gpu_hstu"):
+        with pytest.raises(RuntimeError, match="needs a CUTLASS HSTU wheel"):
             cutlass_hstu_attention(q, k, v, offsets, 30, 0.25, AttentionOptions())
     wheel("no_fp8")
     with pytest.raises(ValueError, match="quant_mode"):

@@ -274,7 +274,6 @@ def _inputs():
                     "delta_offsets": torch.tensor([0, 1, 6])}, "<= its full length"),
         (lambda a: {**a, "max_seq_len": 4}, "max_seq_len=4 is smaller"),
         (lambda a: {**a, "num_targets": torch.tensor([1, 7])}, "num_targets must be in"),
-        (lambda a: {**a, "kernel": "CUTLASS"}, "CUTLASS has no delta"),
         (lambda a: {**a, "kernel": "nope"}, "kernel must be one of"),
         (lambda a: {**a, "k": a["k"].float()}, "share a dtype"),
     ],
@@ -291,7 +290,7 @@ def test_triton_on_cpu_tensors_is_refused():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("the interpreter runs Triton on CPU tensors")
     delta_q, k, v, offsets = _inputs()
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(ValueError, match="cannot run tensors on cpu"):
         with torch.no_grad():
             delta_hstu_attention(delta_q.float(), k.float(), v.float(), offsets, 5, 0.5, kernel="TRITON")
 

@@ -54,9 +54,17 @@ def _run(fn, q, k, v, dout, offsets, max_seq_len, alpha, options, targets) -> Li
 
 
 def _triton(*args):
+    """The Triton FP8 op with its default accumulation (the one the dispatcher runs)."""
     from torchrec_hstu.ops.triton.fp8_attention import triton_fp8_hstu_attention
 
     return triton_fp8_hstu_attention(*args)
+
+
+def _triton_precise(*args):
+    """The Triton FP8 op with ``fp8_accumulation="precise"`` (exact products, exact silu)."""
+    from torchrec_hstu.ops.triton.fp8_attention import triton_fp8_hstu_attention
+
+    return triton_fp8_hstu_attention(*args, fp8_accumulation="precise")
 
 
 def _inputs(lengths, num_heads, dqk, dv, dtype, seed):
@@ -96,6 +104,7 @@ def check_fp8_errors(
     dv: int,
     seed: int = 0,
     label: str = "",
+    triton_fn=_triton,
 ) -> None:
     offsets, q, k, v, dout = _inputs(lengths, num_heads, dqk, dv, torch.bfloat16, seed)
     if q.shape[0] == 0:
@@ -104,7 +113,7 @@ def check_fp8_errors(
     max_seq_len = max(lengths)
     alpha = 1.0 / dqk**0.5
     args = (offsets, max_seq_len, alpha, options, targets)
-    tri = _run(_triton, q, k, v, dout, *args)
+    tri = _run(triton_fn, q, k, v, dout, *args)
     emu = _run(fp8_hstu_attention_emulated, q, k, v, dout, *args)
     ref_options = AttentionOptions(**{**options.__dict__, "fp8_quant_mode": -1})
     ref = _run(pytorch_hstu_attention, q.float(), k.float(), v.float(), dout.float(), offsets,
@@ -130,7 +139,9 @@ def check_fp8_agreement(lengths, num_targets, options, num_heads, dqk, dv, seed=
         return
     targets = None if num_targets is None else torch.tensor(num_targets, device=q.device)
     args = (offsets, max(lengths), 1.0 / dqk**0.5, options, targets)
-    tri = _run(_triton, q, k, v, dout, *args)
+    # Agreement to fp32 summation order is the "precise" accumulation's property; the default
+    # ("fast": native fp8 accumulation, tanh silu) is held to the error bound instead.
+    tri = _run(_triton_precise, q, k, v, dout, *args)
     emu = _run(fp8_hstu_attention_emulated, q, k, v, dout, *args)
     for name, t, e in zip(NAMES, tri, emu):
         l2, mx = _rel_l2(t, e), _max_rel(t, e)
@@ -166,11 +177,13 @@ def test_triton_fp8_error_within_emulation(batch, data, num_heads, dims, seed) -
     check_fp8_errors(batch.lengths, batch.num_targets, options, num_heads, dims[0], dims[1], seed)
 
 
+@pytest.mark.parametrize("precise", [False, True])
 @pytest.mark.parametrize("mode", range(6))
-def test_triton_fp8_error_table(mode: int) -> None:
+def test_triton_fp8_error_table(mode: int, precise: bool) -> None:
     lengths = [1000, 1, 0, 517, 256, 64, 999, 300]
     check_fp8_errors(lengths, None, AttentionOptions(fp8_quant_mode=mode), 4, 128, 128,
-                     seed=mode, label="table")
+                     seed=mode, label="table_precise" if precise else "table",
+                     triton_fn=_triton_precise if precise else _triton)
 
 
 @pytest.mark.parametrize("mode", range(6))

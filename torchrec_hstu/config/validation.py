@@ -2,21 +2,21 @@
 
 The checks run before any module is built, so a bad ``.pbtxt`` fails with
 ``ConfigError: hstu[1].stu.num_heads must be a positive int; got 0`` rather than deep inside
-a constructor. :func:`kernel_supports_sla` is the one place that says which kernels run
-Semi-Local Attention.
+a constructor. Which kernel can run which options is the backend table's to say
+(:func:`torchrec_hstu.ops.backends.kernel_supports`).
 """
 
-from typing import Optional, Set, Union
+from typing import Optional, Union
 
 from google.protobuf.message import Message
 
 from torchrec_hstu.config import hstu_pb2
 from torchrec_hstu.config.kwargs import shortest_float32
-from torchrec_hstu.ops.common import MAX_FP8_QUANT_MODE, MIN_FP8_QUANT_MODE, HSTUKernel, to_kernel
+from torchrec_hstu.ops.backends import kernel_supports
+from torchrec_hstu.ops.common import MAX_FP8_QUANT_MODE, MIN_FP8_QUANT_MODE, AttentionOptions, HSTUKernel, to_kernel
 
 __all__ = [
     "ConfigError",
-    "SLA_KERNELS",
     "kernel_supports_sla",
     "normalize_kernel",
     "validate_config",
@@ -26,17 +26,6 @@ __all__ = [
 ]
 
 KernelLike = Union[HSTUKernel, str, int]
-
-#: Kernels that implement the Semi-Local Attention mask: the PyTorch reference, our Triton
-#: kernels (the mask is computed in-kernel; tested against the reference on the H100), the
-#: CUTLASS wheel (through its NFUNC ``func`` mask), hence AUTO. A kernel added later without
-#: SLA stays out of this set and configs asking it for SLA are refused here.
-SLA_KERNELS: Set[HSTUKernel] = {
-    HSTUKernel.PYTORCH,
-    HSTUKernel.TRITON,
-    HSTUKernel.CUTLASS,
-    HSTUKernel.AUTO,
-}
 
 _TIME_BUCKET_FNS = ("sqrt", "log")
 
@@ -61,15 +50,16 @@ def normalize_kernel(kernel: KernelLike) -> HSTUKernel:
 
 
 def kernel_supports_sla(kernel: KernelLike) -> bool:
-    """Whether ``kernel`` can run Semi-Local Attention (``sla_k1`` / ``sla_k2``).
+    """Whether ``kernel`` can run Semi-Local Attention (``sla_k1`` / ``sla_k2``), as the backend
+    table says.
 
     Args:
         kernel: :class:`HSTUKernel`, its name, or the proto ``Kernel`` number.
 
     Returns:
-        True for the kernels in :data:`SLA_KERNELS`.
+        True when the kernel (as installed here, for CUTLASS) declares SLA.
     """
-    return normalize_kernel(kernel) in SLA_KERNELS
+    return kernel_supports(normalize_kernel(kernel), AttentionOptions(sla_k1=1)) is None
 
 
 def _fail(path: str, expected: str, value: object) -> ConfigError:
@@ -137,12 +127,30 @@ def validate_stu(stu: hstu_pb2.STU, path: str = "stu", kernel: Optional[KernelLi
             f"{path}.sla_k2={stu.sla_k2}) since SLA replaces the window",
             stu.max_attn_len,
         )
-    if sla_on and kernel is not None and not kernel_supports_sla(kernel):
-        raise ConfigError(
-            f"kernel={normalize_kernel(kernel).value!r} cannot run Semi-Local Attention "
-            f"({path}.sla_k1={stu.sla_k1}, {path}.sla_k2={stu.sla_k2}); use one of "
-            f"{sorted(k.value for k in SLA_KERNELS)} or set sla_k1 and sla_k2 to 0"
+    if kernel is None:
+        return
+    try:
+        options = AttentionOptions(
+            max_attn_len=max(stu.max_attn_len, 0),
+            contextual_seq_len=max(stu.contextual_seq_len, 0),
+            sla_k1=stu.sla_k1,
+            sla_k2=stu.sla_k2,
+            scaling_seqlen=stu.scaling_seqlen,
+            fp8_quant_mode=stu.fp8_quant_mode,
         )
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    lacking = kernel_supports(
+        normalize_kernel(kernel), options, stu.attention_dim, stu.hidden_dim)
+    if lacking is not None:
+        name = normalize_kernel(kernel).value
+        if sla_on and not kernel_supports_sla(kernel):
+            raise ConfigError(
+                f"kernel={name!r} cannot run Semi-Local Attention ({path}.sla_k1={stu.sla_k1}, "
+                f"{path}.sla_k2={stu.sla_k2}); use kernel PYTORCH, TRITON or AUTO, or set sla_k1 and "
+                "sla_k2 to 0"
+            )
+        raise ConfigError(f"kernel={name!r} cannot run {lacking} ({path}); the backend table says so")
 
 
 def _contextual_prefix(hstu: hstu_pb2.HSTU) -> int:

@@ -3,7 +3,7 @@
 import dataclasses
 import logging
 from enum import Enum, unique
-from typing import Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -130,6 +130,15 @@ class AttentionOptions:
 
     def resolve_scaling_seqlen(self, max_seq_len: int) -> int:
         return max_seq_len if self.scaling_seqlen < 0 else self.scaling_seqlen
+
+    def to_op_args(self) -> Tuple[Any, ...]:
+        """The fields in declaration order: how custom ops receive the options."""
+        return dataclasses.astuple(self)
+
+    @classmethod
+    def from_op_args(cls, args: Sequence[Any]) -> "AttentionOptions":
+        """Inverse of :meth:`to_op_args` (validates like the constructor)."""
+        return cls(*args)
 
 
 def is_tracing() -> bool:

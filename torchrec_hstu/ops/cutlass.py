@@ -1,8 +1,8 @@
-"""Adapter to the optional CUTLASS HSTU attention wheel (``fbgemm_gpu_hstu``: ``from hstu import
-hstu_attn_varlen_func``), bf16/fp16 and FP8 (``quant_mode``).
+"""Adapter to the optional CUTLASS HSTU attention wheels, bf16/fp16 and FP8.
 
-Two signatures of ``hstu_attn_varlen_func`` exist (``anchor-cutlass-fp8.md`` 1 and 1b) and are
-told apart with :func:`inspect.signature`:
+Three signatures of ``hstu_attn_varlen_func`` exist. Two come from NVIDIA / TorchEasyRec's
+``fbgemm_gpu_hstu`` wheel (``from hstu import hstu_attn_varlen_func``; ``anchor-cutlass-fp8.md``
+1 and 1b), told apart with :func:`inspect.signature`:
 
 * legacy (recsys-examples ``corelib/hstu/hopper``): ``(q, k, v, cu_seqlens_q, cu_seqlens_k,
   max_seqlen_q, max_seqlen_k, num_contexts=None, num_targets=None, target_group_size=1,
@@ -13,6 +13,16 @@ told apart with :func:`inspect.signature`:
   num_targets, target_group_size=1, window_size=(-1, -1), alpha=1.0, rab=None, has_drab=False,
   ..., func=None, quant_mode=-1)`` with ``seqused_*``, ``scaling_seqlen``, ``num_contexts`` and
   ``num_targets`` required.
+
+The third is FBGEMM's published wheel (``fbgemm-gpu-hstu-nightly``, ``from
+fbgemm_gpu.experimental.hstu import hstu_attn_varlen_func``): ``(q, k, v, seq_offsets_q,
+seq_offsets_k, max_seqlen_q, max_seqlen_k, num_contexts, num_targets, target_group_size=1,
+window_size=(-1, -1), alpha=1.0, rab=None, has_drab=False, is_delta_q=False, descale_q=None,
+descale_k=None, descale_v=None)``: no ``scaling_seqlen`` (it divides by ``max_seqlen_q``; the
+output is linear in ``1 / scaling_seqlen``, so another divisor is an exact rescale), no
+arbitrary mask (SLA is refused), FP8 forward only through per-tensor ``descale_*`` tensors, and
+delta queries (``is_delta_q``, without contexts or targets). :func:`find_cutlass_wheel` looks
+for ``hstu`` first, then FBGEMM's.
 
 Every argument is passed by keyword, only if the signature has it; a feature the installed
 wheel lacks (``quant_mode`` for FP8, ``func`` for SLA, ``scaling_seqlen`` other than
@@ -29,6 +39,7 @@ Limits of the kernel (refused with ``ValueError``): float16/bfloat16 only,
 ``min_full_attn_seq_len`` is not supported.
 """
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -37,6 +48,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from torchrec_hstu.ops.common import AttentionOptions
+from torchrec_hstu.ops.fp8.quantize import quantize_per_tensor
 from torchrec_hstu.ops.jagged import jagged_token_positions
 
 logger = logging.getLogger(__name__)
@@ -45,23 +57,56 @@ logger = logging.getLogger(__name__)
 _FORK_ONLY_ARGS = ("seqused_q", "seqused_k")
 
 
-def load_hstu_attn_varlen_func() -> Optional[Callable[..., torch.Tensor]]:
-    """``hstu.hstu_attn_varlen_func`` if the wheel imports, else None (looked up on every call,
-    so a module placed on ``sys.modules`` is picked up)."""
+@dataclasses.dataclass(frozen=True)
+class CutlassWheel:
+    """An importable CUTLASS HSTU wheel.
+
+    Attributes:
+        flavor: ``"legacy"`` / ``"fork"`` (the ``hstu`` module's two signatures) or
+            ``"fbgemm"`` (``fbgemm_gpu.experimental.hstu``).
+        fn: its ``hstu_attn_varlen_func``.
+    """
+
+    flavor: str
+    fn: Callable[..., torch.Tensor]
+
+
+#: Where each wheel lives, in the order they are looked for.
+WHEEL_MODULES = ("hstu", "fbgemm_gpu.experimental.hstu")
+
+
+def _import(name: str) -> Optional[Any]:
     try:
-        module = importlib.import_module("hstu")
+        return importlib.import_module(name)
     except ImportError:
         return None
-    try:  # registers the wheel's op schemas (needed to load AOTI packages); optional.
-        importlib.import_module("hstu.hstu_ops_gpu")
-    except ImportError:
-        pass
-    return getattr(module, "hstu_attn_varlen_func", None)
+
+
+def find_cutlass_wheel() -> Optional[CutlassWheel]:
+    """The first importable CUTLASS HSTU wheel, or None (looked up on every call, so a module
+    placed on ``sys.modules`` is picked up)."""
+    module = _import("hstu")
+    if module is not None and hasattr(module, "hstu_attn_varlen_func"):
+        # Registers the wheel's op schemas (needed to load AOTI packages); optional.
+        _import("hstu.hstu_ops_gpu")
+        fn = module.hstu_attn_varlen_func
+        flavor = "fork" if "seqused_q" in inspect.signature(fn).parameters else "legacy"
+        return CutlassWheel(flavor, fn)
+    module = _import("fbgemm_gpu.experimental.hstu")
+    if module is not None and hasattr(module, "hstu_attn_varlen_func"):
+        return CutlassWheel("fbgemm", module.hstu_attn_varlen_func)
+    return None
+
+
+def load_hstu_attn_varlen_func() -> Optional[Callable[..., torch.Tensor]]:
+    """``hstu_attn_varlen_func`` of the importable wheel, or None."""
+    wheel = find_cutlass_wheel()
+    return None if wheel is None else wheel.fn
 
 
 def cutlass_available() -> bool:
-    """Whether the CUTLASS HSTU wheel is importable."""
-    return load_hstu_attn_varlen_func() is not None
+    """Whether a CUTLASS HSTU wheel is importable."""
+    return find_cutlass_wheel() is not None
 
 
 def build_sla_func_tensor(
@@ -111,6 +156,10 @@ def build_sla_func_tensor(
     col_max1 = torch.where(is_target, history_end, positions + 1)
     func = torch.stack([col_max0, col_min0, col_max1]).to(torch.int32)  # [3, L]
     return func.unsqueeze(0).expand(num_heads, 3, total_len).contiguous()
+
+
+#: The ``fp8_quant_mode`` FBGEMM's wheel computes with its per-tensor descales (H200, 2026-12-02).
+FBGEMM_FP8_QUANT_MODE = 5
 
 
 def _window_size(options: AttentionOptions) -> tuple:
@@ -178,6 +227,8 @@ def cutlass_call_kwargs(
         v=v.contiguous(),
         cu_seqlens_q=cu_seqlens,
         cu_seqlens_k=cu_seqlens,
+        seq_offsets_q=cu_seqlens,
+        seq_offsets_k=cu_seqlens,
         max_seqlen_q=max_seq_len,
         max_seqlen_k=max_seq_len,
         num_contexts=(
@@ -196,7 +247,8 @@ def cutlass_call_kwargs(
         kwargs.update(seqused_q=None, seqused_k=None)
     if "scaling_seqlen" in params:
         kwargs["scaling_seqlen"] = scaling_seqlen
-    elif scaling_seqlen != max_seq_len:
+    elif scaling_seqlen != max_seq_len and "is_delta_q" not in params:
+        # FBGEMM's wheel (the one with is_delta_q) is rescaled exactly after the call.
         raise ValueError(
             f"the installed hstu wheel has no scaling_seqlen parameter, so scaling_seqlen="
             f"{options.scaling_seqlen} (!= max_seq_len={max_seq_len}) cannot be honoured"
@@ -213,7 +265,17 @@ def cutlass_call_kwargs(
             num_targets=num_targets,
             contextual_seq_len=options.contextual_seq_len,
         )
-    if options.use_fp8:
+    if options.use_fp8 and "descale_q" in params:
+        if options.fp8_quant_mode != FBGEMM_FP8_QUANT_MODE:
+            raise ValueError(
+                f"fbgemm_gpu.experimental.hstu runs FP8 only as fp8_quant_mode={FBGEMM_FP8_QUANT_MODE} "
+                f"(per-tensor descales); got fp8_quant_mode={options.fp8_quant_mode}"
+            )
+        for name, x in (("q", kwargs["q"]), ("k", kwargs["k"]), ("v", kwargs["v"])):
+            quantized = quantize_per_tensor(x)
+            kwargs[name] = quantized.values
+            kwargs[f"descale_{name}"] = quantized.descale
+    elif options.use_fp8:
         if "quant_mode" not in params:
             raise ValueError(
                 f"fp8_quant_mode={options.fp8_quant_mode} needs an hstu wheel whose "
@@ -261,13 +323,97 @@ def cutlass_hstu_attention(
         RuntimeError: the wheel is not installed.
         ValueError: the call needs something the kernel or the installed wheel cannot do.
     """
-    fn = load_hstu_attn_varlen_func()
-    if fn is None:
-        raise RuntimeError(
-            "kernel=CUTLASS needs the fbgemm_gpu_hstu wheel (`from hstu import hstu_attn_varlen_func`), "
-            "which is not installed; use kernel=TRITON or PYTORCH"
-        )
+    wheel = _require_wheel()
     _check_options(q, v, options, num_targets)
-    kwargs = cutlass_call_kwargs(fn, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
-    out = fn(**kwargs)
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+    kwargs = cutlass_call_kwargs(wheel.fn, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
+    out = wheel.fn(**kwargs)
+    out = out if out.dtype == q.dtype else out.to(q.dtype)
+    return _rescale(out, wheel, options, max_seq_len)
+
+
+def _require_wheel() -> CutlassWheel:
+    wheel = find_cutlass_wheel()
+    if wheel is None:
+        raise RuntimeError(
+            "kernel=CUTLASS needs a CUTLASS HSTU wheel (`from hstu import hstu_attn_varlen_func`: "
+            "fbgemm_gpu_hstu; or fbgemm_gpu.experimental.hstu: fbgemm-gpu-hstu-nightly), and "
+            "neither is installed; use kernel=TRITON or PYTORCH"
+        )
+    return wheel
+
+
+def _rescale(out: torch.Tensor, wheel: CutlassWheel, options: AttentionOptions, max_seq_len: int) -> torch.Tensor:
+    # FBGEMM's kernel divides by max_seqlen_q; the output (and so every gradient) is linear in
+    # 1 / scaling_seqlen, so another divisor is an exact rescale, never dropped.
+    scaling_seqlen = options.resolve_scaling_seqlen(max_seq_len)
+    if wheel.flavor != "fbgemm" or scaling_seqlen == max_seq_len:
+        return out
+    return out * (max_seq_len / scaling_seqlen)
+
+
+def cutlass_delta_hstu_attention(
+    delta_q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    delta_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    options: AttentionOptions,
+    num_targets: Optional[torch.Tensor] = None,
+    uniform_delta: Optional[int] = None,
+) -> torch.Tensor:
+    """Delta attention by FBGEMM's wheel (``is_delta_q``): the last ``d_b`` queries of each
+    sequence against all its keys, bf16/fp16.
+
+    Args:
+        delta_q: ``[L', H, D]``.
+        k: ``[L, H, D]`` full keys.
+        v: ``[L, H, D]`` full values.
+        seq_offsets: ``[B + 1]`` offsets of ``k``/``v``.
+        delta_offsets: ``[B + 1]`` offsets of ``delta_q``.
+        max_seq_len: batch maximum of the full lengths.
+        alpha: scale of ``q k^T``.
+        options: causal (optionally windowed) high-precision options.
+        num_targets: must be None (the wheel's delta path has no targets).
+        uniform_delta: ``d`` when every sequence has ``d`` delta rows (no host read).
+
+    Returns:
+        ``[L', H, D]`` in the dtype of ``delta_q``.
+    """
+    wheel = _require_wheel()
+    if wheel.flavor != "fbgemm":
+        raise ValueError(f"the installed CUTLASS wheel ({wheel.flavor}) has no delta queries")
+    if num_targets is not None or options.contextual_seq_len > 0 or options.use_fp8:
+        raise ValueError(
+            "kernel=CUTLASS delta attention (is_delta_q) runs without num_targets, "
+            "contextual_seq_len and FP8; use kernel=TRITON or PYTORCH"
+        )
+    _check_options(delta_q, v, options, None)
+    if not options.causal:
+        raise ValueError("kernel=CUTLASS delta attention (is_delta_q) needs causal=True")
+    if uniform_delta is not None:
+        max_delta = uniform_delta
+    else:  # the longest query run bounds the kernel's grid: one host read
+        delta_lengths = delta_offsets[1:] - delta_offsets[:-1]
+        max_delta = int(delta_lengths.max()) if delta_lengths.numel() > 0 else 0
+    out = wheel.fn(
+        q=delta_q.contiguous(),
+        k=k.contiguous(),
+        v=v.contiguous(),
+        seq_offsets_q=delta_offsets.to(torch.int32),
+        seq_offsets_k=seq_offsets.to(torch.int32),
+        max_seqlen_q=max(max_delta, 1),
+        max_seqlen_k=max_seq_len,
+        num_contexts=None,
+        num_targets=None,
+        target_group_size=1,
+        window_size=_window_size(options),
+        alpha=alpha,
+        rab=None,
+        has_drab=False,
+        is_delta_q=True,
+    )
+    out = out if out.dtype == delta_q.dtype else out.to(delta_q.dtype)
+    # The kernel divides by max_seqlen_q (the delta length) here; ours by scaling_seqlen.
+    return out * (max(max_delta, 1) / options.resolve_scaling_seqlen(max_seq_len))

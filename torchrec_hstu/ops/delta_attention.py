@@ -8,11 +8,12 @@ The result is exactly rows ``n_b - d_b .. n_b - 1`` of the full attention
 :func:`~torchrec_hstu.ops.hstu_attention.hstu_attention` with the same options, computed
 without the ``n_b - d_b`` prefix queries: ``O(d_b * n_b)`` work instead of ``O(n_b^2)``.
 
-Kernels: ``PYTORCH`` (reference; FP8 via the emulation with the "delta-q" rule, see
+Kernels (the backend table, :mod:`torchrec_hstu.ops.backends`, says which can): ``PYTORCH``
+(reference; FP8 via the emulation with the "delta-q" rule, see
 :mod:`torchrec_hstu.ops.pytorch.delta_attention`), ``TRITON`` (CUDA, bf16/fp16/fp32 and FP8,
-:mod:`torchrec_hstu.ops.triton.delta_attention`), ``CUTLASS`` refused (the wheel's delta path
-is not wired up here). The delta path is for inference: only the PYTORCH high-precision path
-has autograd.
+:mod:`torchrec_hstu.ops.triton.delta_attention`), ``CUTLASS`` with FBGEMM's wheel
+(``is_delta_q``, bf16/fp16). The delta path is for inference: only the PYTORCH high-precision
+path has autograd.
 """
 
 import logging
@@ -20,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from torchrec_hstu.ops.backends import AttentionRequest, run_delta_attention, select_backend
 from torchrec_hstu.ops.common import (
     AttentionOptions,
     HSTUKernel,
@@ -27,11 +29,6 @@ from torchrec_hstu.ops.common import (
     check_seq_offsets,
     is_tracing,
     to_kernel,
-)
-from torchrec_hstu.ops.hstu_attention import resolve_kernel
-from torchrec_hstu.ops.pytorch.delta_attention import (
-    fp8_delta_hstu_attention_emulated,
-    pytorch_delta_hstu_attention,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,7 +153,7 @@ def delta_hstu_attention(
         num_targets: optional ``[B]`` trailing targets of the full sequences.
         delta_offsets: optional ``[B + 1]`` offsets of ``delta_q``; default ``L' / B`` rows
             per sequence.
-        kernel: ``PYTORCH``, ``TRITON`` (CUDA) or ``AUTO``; ``CUTLASS`` is refused.
+        kernel: ``PYTORCH``, ``TRITON`` (CUDA), ``CUTLASS`` (FBGEMM's wheel) or ``AUTO``.
         check_values: check the offsets' values (one host sync); False when the caller
             checked them at its edge.
 
@@ -181,30 +178,11 @@ def delta_hstu_attention(
     check_delta_attention_inputs(
         delta_q, k, v, seq_offsets, delta_offsets, max_seq_len, num_targets, check_values=check_values
     )
-    kernel = resolve_kernel(kernel, delta_q.device)
-    if kernel == HSTUKernel.PYTORCH:
-        if options.use_fp8:
-            from torchrec_hstu.ops.fp8.arch import check_fp8_support
-
-            check_fp8_support(kernel, options.fp8_quant_mode, delta_q.shape[2], v.shape[2], delta_q.device)
-            return fp8_delta_hstu_attention_emulated(
-                delta_q, k, v, seq_offsets, delta_offsets, max_seq_len, alpha, options, num_targets
-            )
-        return pytorch_delta_hstu_attention(
-            delta_q, k, v, seq_offsets, delta_offsets, max_seq_len, alpha, options, num_targets, uniform_delta
-        )
-    if kernel == HSTUKernel.TRITON:
-        from torchrec_hstu.ops.triton.delta_attention import triton_delta_hstu_attention
-
-        return triton_delta_hstu_attention(
-            delta_q, k, v, seq_offsets, delta_offsets, max_seq_len, alpha, options, num_targets, uniform_delta
-        )
-    if kernel == HSTUKernel.CUTLASS:
-        raise ValueError(
-            "kernel=CUTLASS has no delta (KV-cached) attention in torchrec_hstu; use kernel=TRITON "
-            "(CUDA) or kernel=PYTORCH for delta_hstu_attention"
-        )
-    raise ValueError(f"unsupported kernel {kernel!r}")
+    request = AttentionRequest.for_call(delta_q, v, options, max_seq_len, num_targets, delta=True, k=k)
+    backend = select_backend(kernel, request)
+    return run_delta_attention(
+        backend, delta_q, k, v, seq_offsets, delta_offsets, max_seq_len, alpha, options, num_targets, uniform_delta
+    )
 
 
 def delta_hstu_mha(

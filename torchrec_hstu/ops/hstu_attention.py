@@ -10,41 +10,36 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from torchrec_hstu.ops.common import (
-    AttentionOptions,
-    HSTUKernel,
-    check_attention_inputs,
-    is_tracing,
-    to_kernel,
+from torchrec_hstu.ops.backends import (
+    AttentionRequest,
+    Backend,
+    installed_backend,
+    run_attention,
+    select_backend,
+    select_kernel_for_export,
 )
-from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, check_attention_inputs, to_kernel
+from torchrec_hstu.ops.fp8.export_op import call_hstu_fp8_fwd
 
 logger = logging.getLogger(__name__)
 
 
 def triton_available() -> bool:
     """Whether our Triton HSTU kernels can run here (CUDA + Triton importable)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from torchrec_hstu.ops.triton import hstu_attention as _  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return torch.cuda.is_available() and installed_backend(HSTUKernel.TRITON) is not None
 
 
-def resolve_kernel(kernel: Union[HSTUKernel, str], device: torch.device) -> HSTUKernel:
-    """Resolve ``AUTO`` to a concrete kernel for ``device``; other kernels are returned as is."""
+def resolve_kernel(
+    kernel: Union[HSTUKernel, str], device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> HSTUKernel:
+    """The kernel ``AUTO`` picks for a plain (causal, high-precision) call on ``device``;
+    an explicit kernel is returned as it is (:func:`~torchrec_hstu.ops.backends.select_backend`
+    decides per call, with the call's options)."""
     kernel = to_kernel(kernel)
     if kernel != HSTUKernel.AUTO:
         return kernel
-    chosen = (
-        HSTUKernel.TRITON
-        if device.type == "cuda" and triton_available()
-        else HSTUKernel.PYTORCH
-    )
-    logger.debug("HSTUKernel.AUTO resolved to %s for device %s", chosen.value, device)
-    return chosen
+    request = AttentionRequest(dtype=dtype, device_type=device.type, head_dim_qk=64, head_dim_v=64)
+    return select_backend(kernel, request).kernel
 
 
 def hstu_attention(
@@ -93,34 +88,17 @@ def hstu_attention(
     check_attention_inputs(
         q, k, v, seq_offsets, max_seq_len, num_targets, options, dropout_pr, check_values=check_values
     )
-    kernel = resolve_kernel(kernel, q.device)
-    if options.use_fp8:
-        from torchrec_hstu.ops.fp8.dispatch import fp8_hstu_attention
-
-        if dropout_pr > 0.0 and training:
-            raise ValueError("dropout_pr > 0 is not supported with fp8_quant_mode >= 0")
-        return fp8_hstu_attention(
-            q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, kernel
-        )
-    if kernel == HSTUKernel.PYTORCH:
-        return pytorch_hstu_attention(
-            q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, dropout_pr, training, cache
-        )
-    if kernel == HSTUKernel.TRITON:
-        if not is_tracing() and q.device.type != "cuda":
-            raise ValueError(f"kernel=TRITON needs CUDA tensors; got q on {q.device}")
-        if dropout_pr > 0.0 and training:
-            raise ValueError("kernel=TRITON does not implement attention dropout; use PYTORCH")
-        from torchrec_hstu.ops.triton.hstu_attention import triton_hstu_attention
-
-        return triton_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
-    if kernel == HSTUKernel.CUTLASS:
-        if dropout_pr > 0.0 and training:
-            raise ValueError("kernel=CUTLASS does not implement attention dropout; use PYTORCH")
-        from torchrec_hstu.ops.cutlass import cutlass_hstu_attention
-
-        return cutlass_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
-    raise ValueError(f"unsupported kernel {kernel!r}")
+    dropout = dropout_pr > 0.0 and training
+    request = AttentionRequest.for_call(q, v, options, max_seq_len, num_targets, dropout=dropout, k=k)
+    if options.use_fp8 and torch.compiler.is_exporting():
+        # The whole FP8 forward is one opaque op in the exported graph (notes decision 8); it
+        # records the kernel so the package runs exactly that one.
+        recorded = select_kernel_for_export(kernel, request)
+        return call_hstu_fp8_fwd(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, recorded)
+    backend: Backend = select_backend(kernel, request)
+    return run_attention(
+        backend, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets, dropout_pr, training, cache
+    )
 
 
 def hstu_mha(

@@ -1,16 +1,14 @@
 """FP8 HSTU attention (``fp8_quant_mode`` 0..5): quantizers, the exact emulation of the CUTLASS
-kernel, the arch gate, the dispatcher and the ``torchrec_hstu::hstu_fp8_fwd`` export op.
-
-Importing this package registers the export op (needed to run or load an exported program).
+kernel and the arch gate. FP8 runs through :func:`torchrec_hstu.ops.hstu_attention` like every
+other precision; the ``torchrec_hstu::hstu_fp8_fwd`` export op lives in :mod:`.export_op`
+(registered by importing :mod:`torchrec_hstu.ops`).
 """
 
-from torchrec_hstu.ops.fp8 import export_op  # noqa: F401  (registers torchrec_hstu::hstu_fp8_fwd)
 from torchrec_hstu.ops.fp8.arch import (
     FP8BackwardUnsupportedError,
     check_fp8_quant_mode,
     check_fp8_support,
 )
-from torchrec_hstu.ops.fp8.dispatch import fp8_hstu_attention
 from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 from torchrec_hstu.ops.fp8.quantize import (
     FP8_DTYPE,
@@ -37,7 +35,6 @@ __all__ = [
     "FP8_MAX",
     "check_fp8_quant_mode",
     "check_fp8_support",
-    "fp8_hstu_attention",
     "fp8_hstu_attention_emulated",
     "quantize_blockwise",
     "quantize_cast",

@@ -26,34 +26,14 @@ from typing import Optional, Set, Union
 
 import torch
 
+from torchrec_hstu.ops.backends import AttentionRequest, run_attention, select_backend
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, to_kernel
+from torchrec_hstu.ops.custom_ops import define_attention_op
 
 logger = logging.getLogger(__name__)
 
 OP_NAME = "torchrec_hstu::hstu_fp8_fwd"
 _logged: Set[str] = set()
-
-
-def _options(
-    scaling_seqlen: int,
-    fp8_quant_mode: int,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
-) -> AttentionOptions:
-    return AttentionOptions(
-        causal=causal,
-        max_attn_len=max_attn_len,
-        contextual_seq_len=contextual_seq_len,
-        min_full_attn_seq_len=min_full_attn_seq_len,
-        sla_k1=sla_k1,
-        sla_k2=sla_k2,
-        scaling_seqlen=scaling_seqlen,
-        fp8_quant_mode=fp8_quant_mode,
-    )
 
 
 def _log_choice(device: torch.device, choice: str) -> None:
@@ -63,109 +43,69 @@ def _log_choice(device: torch.device, choice: str) -> None:
         logger.info("%s runs FP8 attention on %s with %s", OP_NAME, device, choice)
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
-def hstu_fp8_fwd(
+def _emulated(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     seq_offsets: torch.Tensor,
     num_targets: Optional[torch.Tensor],
     max_seq_len: int,
-    scaling_seqlen: int,
     alpha: float,
-    fp8_quant_mode: int,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
+    options: AttentionOptions,
     kernel: str,
 ) -> torch.Tensor:
-    """FP8 HSTU attention forward (CPU / default impl: the exact emulation, for every kernel).
-
-    Args:
-        q: ``[L, H, Dqk]``.
-        k: ``[L, H, Dqk]``.
-        v: ``[L, H, Dv]``.
-        seq_offsets: ``[B + 1]``.
-        num_targets: optional ``[B]``.
-        max_seq_len: batch maximum length.
-        scaling_seqlen: divisor (-1: ``max_seq_len``).
-        alpha: scale of ``q k^T``.
-        fp8_quant_mode: 0..5.
-        causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2: the
-            mask options of :class:`~torchrec_hstu.ops.common.AttentionOptions`.
-        kernel: ``"PYTORCH"``, ``"TRITON"`` or ``"CUTLASS"``: the kernel the model was exported
-            with; the CUDA implementation runs exactly it.
-
-    Returns:
-        ``[L, H, Dv]`` in the dtype of ``q``.
-    """
+    """CPU / default implementation: the exact emulation, for every recorded kernel."""
     from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 
     to_kernel(kernel)  # a malformed graph fails here, not silently
-    options = _options(
-        scaling_seqlen, fp8_quant_mode, causal, max_attn_len, contextual_seq_len,
-        min_full_attn_seq_len, sla_k1, sla_k2,
-    )
     _log_choice(q.device, f"the PyTorch emulation (exported kernel {kernel})")
     with torch.no_grad():
         return fp8_hstu_attention_emulated(q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
 
 
-@hstu_fp8_fwd.register_kernel("cuda")
-def _hstu_fp8_fwd_cuda(
+def _on_cuda(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     seq_offsets: torch.Tensor,
     num_targets: Optional[torch.Tensor],
     max_seq_len: int,
-    scaling_seqlen: int,
     alpha: float,
-    fp8_quant_mode: int,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
+    options: AttentionOptions,
     kernel: str,
 ) -> torch.Tensor:
     """CUDA implementation: exactly the exported ``kernel``, or the error saying why it cannot run."""
-    from torchrec_hstu.ops.fp8.dispatch import run_fp8_kernel
-
-    options = _options(
-        scaling_seqlen, fp8_quant_mode, causal, max_attn_len, contextual_seq_len,
-        min_full_attn_seq_len, sla_k1, sla_k2,
-    )
     with torch.no_grad():
-        out = run_fp8_kernel(to_kernel(kernel), q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
-    _log_choice(q.device, f"the {kernel} kernel")
+        request = AttentionRequest.for_call(q, v, options, max_seq_len, num_targets, k=k)
+        backend = select_backend(kernel, request)
+        out = run_attention(backend, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
+    _log_choice(q.device, f"the {kernel} kernel ({backend.name})")
     return out
 
 
-@hstu_fp8_fwd.register_fake
-def _hstu_fp8_fwd_fake(
+def _fake(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     seq_offsets: torch.Tensor,
     num_targets: Optional[torch.Tensor],
     max_seq_len: int,
-    scaling_seqlen: int,
     alpha: float,
-    fp8_quant_mode: int,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
+    options: AttentionOptions,
     kernel: str,
 ) -> torch.Tensor:
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+_hstu_fp8_fwd = define_attention_op(
+    OP_NAME,
+    ("Tensor q", "Tensor k", "Tensor v", "Tensor seq_offsets", "Tensor? num_targets"),
+    impl=_emulated,
+    fake=_fake,
+    trailing=("str kernel",),
+    cuda_impl=_on_cuda,
+    module=__name__,
+)
 
 
 def call_hstu_fp8_fwd(
@@ -179,25 +119,21 @@ def call_hstu_fp8_fwd(
     num_targets: Optional[torch.Tensor] = None,
     kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
 ) -> torch.Tensor:
-    """The op with :class:`AttentionOptions` unpacked (same arguments as the other kernels).
+    """The FP8 forward as one op (same arguments as the kernels); ``kernel`` is stored in the
+    graph by name and the CUDA implementation runs exactly it.
 
-    ``kernel`` is stored in the graph by name; the dispatcher passes the kernel it resolved.
+    Args:
+        q: ``[L, H, Dqk]``.
+        k: ``[L, H, Dqk]``.
+        v: ``[L, H, Dv]``.
+        seq_offsets: ``[B + 1]``.
+        max_seq_len: batch maximum length.
+        alpha: scale of ``q k^T``.
+        options: mask options and ``fp8_quant_mode`` (0..5).
+        num_targets: optional ``[B]``.
+        kernel: the resolved kernel (PYTORCH, TRITON or CUTLASS).
+
+    Returns:
+        ``[L, H, Dv]`` in the dtype of ``q``.
     """
-    return torch.ops.torchrec_hstu.hstu_fp8_fwd(
-        q,
-        k,
-        v,
-        seq_offsets,
-        num_targets,
-        max_seq_len,
-        options.scaling_seqlen,
-        float(alpha),
-        options.fp8_quant_mode,
-        options.causal,
-        options.max_attn_len,
-        options.contextual_seq_len,
-        options.min_full_attn_seq_len,
-        options.sla_k1,
-        options.sla_k2,
-        to_kernel(kernel).name,
-    )
+    return _hstu_fp8_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options, to_kernel(kernel).name)

@@ -40,6 +40,7 @@ from torchrec_hstu.ops.triton._common import (
     interpret_mode,
     seq_num_targets,
     seq_span,
+    tanh_approx,
     tile_segment,
     to_e4m3_saturated,
     valid_mask,
@@ -60,21 +61,22 @@ from torchrec_hstu.ops.triton.hstu_attention import (
 logger = logging.getLogger(__name__)
 
 #: Accumulation choices of the fp8 ``tl.dot``s (the ``fp8_accumulation`` argument). Hopper's
-#: fp8 wgmma accumulates in reduced precision unless Triton promotes partial sums to fp32
-#: (``max_num_imprecise_acc=0``); Triton 3.6 defaults sm90 to never promoting.
+#: fp8 wgmma accumulates in reduced precision; exact fp8 products summed in fp32 need the
+#: operands upcast to fp16 (exact for e4m3) and 16-bit tensor cores.
 #:
-#: * ``"precise"`` (default, tested against the emulation): every product promoted, as the FP8
-#:   definition (exact fp8 products rounded once to fp32) asks.
-#: * ``"mixed"``: precise for the score products (``q k^T``, ``dO v^T``, whose results are
-#:   re-quantized, where a tiny error flips fp8 roundings of P / dS), Triton's default for the
-#:   value products (``P v``, ``P^T dO``, ``dS^T q``, ``dS k``).
-#: * ``"fast"``: Triton's default for every product.
+#: * ``"fast"`` (default): Hopper's native fp8 wgmma for every product, and in the forward
+#:   ``silu`` through ``tanh.approx.f32`` (``silu(x) = h + h tanh(h)``, ``h = x / 2``), as the
+#:   CUTLASS kernel computes it. Error vs the float64 reference within 1.1x the emulation's
+#:   (the bound of notes decision 5; measured by ``benchmarks/fp8_fwd_speed.py``).
+#: * ``"mixed"``: exact products for the score products (``q k^T``, ``dO v^T``, whose results are
+#:   re-quantized, where a tiny error flips fp8 roundings of P / dS), native fp8 for the value
+#:   products (``P v``, ``P^T dO``, ``dS^T q``, ``dS k``); exact sigmoid.
+#: * ``"precise"``: every product exact (fp16 upcast, fp32 accumulation) and the exact sigmoid:
+#:   equal to the PyTorch emulation up to fp32 summation order (tested).
 #:
-#: Only ``"precise"`` reproduces the emulation to fp32 summation order; the others trade
-#: accuracy for speed, and ``benchmarks/fp8_speed.py`` measures both sides of that trade. The
-#: choice is always the caller's: nothing here switches it.
+#: The choice is always the caller's: nothing here switches it.
 FP8_ACCUMULATIONS = ("precise", "mixed", "fast")
-DEFAULT_FP8_ACCUMULATION = "precise"
+DEFAULT_FP8_ACCUMULATION = "fast"
 
 
 def check_fp8_accumulation(fp8_accumulation: str) -> None:
@@ -87,7 +89,7 @@ def check_fp8_accumulation(fp8_accumulation: str) -> None:
 def _max_imprecise(score_product: bool, fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION) -> Optional[int]:
     check_fp8_accumulation(fp8_accumulation)
     precise = fp8_accumulation == "precise" or (fp8_accumulation == "mixed" and score_product)
-    # None: Triton's default (sm90: never promote); an explicit value must be <= K.
+    # 0: exact products (the kernels upcast the fp8 tiles to fp16); None: native fp8 wgmma.
     return 0 if precise else None
 
 
@@ -97,49 +99,169 @@ def _max_imprecise(score_product: bool, fp8_accumulation: str = DEFAULT_FP8_ACCU
 
 
 @triton.jit
+def _to_e4m3(x, INTERPRET: tl.constexpr):
+    """Saturating fp32 -> e4m3 cast. On the GPU Triton emits ``cvt.rn.satfinite.e4m3x2.f32``,
+    which saturates by itself, so the clamp of ``to_e4m3_saturated`` is left out."""
+    if INTERPRET:
+        return to_e4m3_saturated(x, INTERPRET)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def _fp8_fwd_tile(
-    acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
-    stride_kn, stride_kdn, stride_vdn, stride_vdd, n, T, c, W, M, sla_k1, K2, alpha,
+    acc, r_prev, q, qd, K_base, KD_base, VT_base, VD_base, j0, offs_m, offs_n, offs_dqk, offs_dv,
+    stride_kn, stride_kdn, stride_vtd, stride_vdn, stride_vdd, n, vn, T, c, W, M, sla_k1, K2,
+    alpha,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr, P_ROWS: tl.constexpr, QUANT_MODE: tl.constexpr,
     MASK_MODE: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr,
-    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr, FAST_SILU: tl.constexpr,
+    SCALAR_QD: tl.constexpr, SCALAR_KVD: tl.constexpr, RESCALE: tl.constexpr,
 ):
+    """One key tile ``[j0, j0 + BLOCK_N)`` of the FP8 forward; returns ``(acc, r_prev)``.
+
+    ``qd``: the q descale (``[BLOCK_M]`` vector, or a scalar if ``SCALAR_QD``; under
+    ``FAST_SILU`` it already carries ``alpha / 2``). ``SCALAR_KVD``: the k and v descales are
+    one value per key tile (modes 2..5, tiles aligned to the quantizer's blocks). ``vn``: the
+    bound of the key columns read from the transposed v (``n`` rounded up to 16 for the aligned
+    layout, whose padding columns are zeros, so the mask stays 16 columns wide and the loads
+    vectorize). ``MAX_IMPRECISE(_S) == 0`` ("precise"): the fp8 tiles are upcast to fp16 (exact)
+    and multiplied on 16-bit tensor cores with fp32 accumulation, i.e. exact fp8 products
+    summed in fp32 (Triton lowers an fp8 dot with ``max_num_imprecise_acc=0`` to ``mma.sync``).
+
+    ``RESCALE`` (modes 2..5, fast accumulation): ``acc`` holds ``O / r_prev`` row-wise, where
+    ``r = s_P * v_descale`` is the last tile's per-row factor; each tile rescales ``acc`` by
+    ``r_prev / r`` and lets the tensor core accumulate ``P8 @ v8`` into it, so no second
+    ``[BLOCK_M, Dv]`` fp32 product tile is live (registers, occupancy); the caller multiplies by
+    the final ``r_prev``. One fp32 rounding per tile more than the definition's order.
+    """
+    j0 = tl.multiple_of(j0, 16)
     cols = j0 + offs_n
     col_in = cols < n
+    k_ptrs = K_base + cols[:, None] * stride_kn + offs_dqk[None, :]
+    vt_ptrs = VT_base + offs_dv[:, None] * stride_vtd + cols[None, :]
     if MASKED:
-        k = tl.load(k_ptrs + j0 * stride_kn, mask=col_in[:, None] & (offs_dqk[None, :] < DQK),
-                    other=0.0)
-        vt = tl.load(vt_ptrs + j0, mask=(offs_dv[:, None] < DV) & col_in[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=col_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+        vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < DV) & (cols < vn)[None, :], other=0.0)
     elif BLOCK_DQK != DQK or BLOCK_DV != DV:
-        k = tl.load(k_ptrs + j0 * stride_kn, mask=offs_dqk[None, :] < DQK, other=0.0)
-        vt = tl.load(vt_ptrs + j0, mask=offs_dv[:, None] < DV, other=0.0)
+        k = tl.load(k_ptrs, mask=offs_dqk[None, :] < DQK, other=0.0)
+        vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < DV, other=0.0)
     else:
-        k = tl.load(k_ptrs + j0 * stride_kn)
-        vt = tl.load(vt_ptrs + j0)
-    s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=MAX_IMPRECISE_S)
-    if QUANT_MODE != 0:
-        kd = tl.load(kd_ptrs + j0 * stride_kdn, mask=col_in, other=1.0)
-        s = s * (qd[:, None] * kd[None, :])
-    x = s * alpha
-    p = x * tl.sigmoid(x)
+        k = tl.load(k_ptrs)
+        vt = tl.load(vt_ptrs)
+    if MAX_IMPRECISE_S == 0:
+        s = tl.dot(q, tl.trans(k.to(tl.float16)))
+    else:
+        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=MAX_IMPRECISE_S)
+    # Dequantize, scale by alpha (FAST_SILU: alpha / 2, folded into qd), silu.
+    if QUANT_MODE == 0:
+        if FAST_SILU:
+            x = s * (alpha * 0.5)
+        else:
+            x = s * alpha
+    elif SCALAR_KVD:
+        kd = tl.load(KD_base + j0 * stride_kdn)
+        if FAST_SILU:
+            if SCALAR_QD:
+                x = s * (qd * kd)
+            else:
+                x = s * (qd * kd)[:, None]
+        else:
+            if SCALAR_QD:
+                x = s * (qd * kd) * alpha
+            else:
+                x = s * (qd * kd)[:, None] * alpha
+    else:
+        kd = tl.load(KD_base + cols * stride_kdn, mask=col_in, other=1.0)
+        if FAST_SILU:
+            x = s * qd[:, None] * kd[None, :]
+        else:
+            x = s * (qd[:, None] * kd[None, :]) * alpha
+    if FAST_SILU:
+        if INTERPRET:
+            p = 2.0 * x * tl.sigmoid(2.0 * x)
+        else:
+            t = tanh_approx(x)
+            p = x + x * t
+    else:
+        p = x * tl.sigmoid(x)
     if MASKED:
         valid = valid_mask(offs_m[:, None], cols[None, :], n, T, c, W, M, sla_k1, K2, MASK_MODE)
         p = tl.where(valid, p, 0.0)
     if QUANT_MODE == 0:
-        p8 = to_e4m3_saturated(p, INTERPRET)
-        acc = tl.dot(p8, tl.trans(vt), acc, max_num_imprecise_acc=MAX_IMPRECISE)
+        p8 = _to_e4m3(p, INTERPRET)
+        if MAX_IMPRECISE == 0:
+            acc = tl.dot(p8.to(tl.float16), tl.trans(vt.to(tl.float16)), acc)
+        else:
+            acc = tl.dot(p8, tl.trans(vt), acc, max_num_imprecise_acc=MAX_IMPRECISE)
     else:
         row_max = tl.max(tl.abs(p), axis=1)
         group_max = tl.max(tl.reshape(row_max, (BLOCK_M // P_ROWS, P_ROWS)), axis=1)
         p_scale = tl.maximum(group_max / 448.0, 1e-6)
         row_scale = tl.reshape(
             tl.broadcast_to(p_scale[:, None], (BLOCK_M // P_ROWS, P_ROWS)), (BLOCK_M,))
-        p8 = to_e4m3_saturated(p * (1.0 / row_scale)[:, None], INTERPRET)
-        pv = tl.dot(p8, tl.trans(vt), max_num_imprecise_acc=MAX_IMPRECISE)
-        vd = tl.load(vd_ptrs + j0 * stride_vdn + offs_dv * stride_vdd, mask=offs_dv < DV,
-                     other=1.0)
-        acc += pv * (row_scale[:, None] * vd[None, :])
+        p8 = _to_e4m3(p * (1.0 / row_scale)[:, None], INTERPRET)
+        if RESCALE:
+            r = row_scale * tl.load(VD_base + j0 * stride_vdn)
+            acc = tl.dot(p8, tl.trans(vt), acc * (r_prev / r)[:, None],
+                         max_num_imprecise_acc=MAX_IMPRECISE)
+            r_prev = r
+        elif MAX_IMPRECISE == 0:
+            pv = tl.dot(p8.to(tl.float16), tl.trans(vt.to(tl.float16)))
+        else:
+            pv = tl.dot(p8, tl.trans(vt), max_num_imprecise_acc=MAX_IMPRECISE)
+        if RESCALE:
+            pass
+        elif SCALAR_KVD:
+            vd = tl.load(VD_base + j0 * stride_vdn)
+            acc += pv * (row_scale * vd)[:, None]
+        else:
+            vd = tl.load(VD_base + j0 * stride_vdn + offs_dv * stride_vdd, mask=offs_dv < DV,
+                         other=1.0)
+            acc += pv * (row_scale[:, None] * vd[None, :])
+    return acc, r_prev
+
+
+@triton.jit
+def _fp8_fwd_block(
+    q, qd, K, KD, VT, VD, start, vstart, h, stride_km, stride_kh, stride_kdm, stride_kdh,
+    stride_vth, stride_vtd, stride_vdm, stride_vdh, stride_vdd, m0, n, vn, T, c, W, M, sla_k1,
+    K2, alpha,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_ROWS: tl.constexpr,
+    QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr, FAST_SILU: tl.constexpr,
+    SCALAR_QD: tl.constexpr, SCALAR_KVD: tl.constexpr, RESCALE: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_DV]`` fp32 output (before ``1 / scaling_seqlen``) of the loaded fp8
+    query rows ``q`` (descales ``qd``, see :func:`_fp8_fwd_tile`) at positions
+    ``m0 .. m0 + BLOCK_M`` of the sequence, head ``h``: every key tile the mask can reach.
+    ``vstart``: the sequence's first column in ``VT``; ``vn``: its column bound."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    K_base = K + start * stride_km + h * stride_kh
+    KD_base = KD + start * stride_kdm + h * stride_kdh
+    VT_base = VT + h * stride_vth + vstart
+    VD_base = VD + start * stride_vdm + h * stride_vdh
+    if MAX_IMPRECISE_S == 0:
+        q = q.to(tl.float16)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    r_prev = tl.full([BLOCK_M], 1.0, tl.float32)
+    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
+        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
+    for SEGMENT in tl.static_range(4):
+        lo, hi = tile_segment(SEGMENT, ta0, ta1, tb0, ti0, ti1, tb1)
+        for j0 in range(lo, hi, BLOCK_N):
+            acc, r_prev = _fp8_fwd_tile(acc, r_prev, q, qd, K_base, KD_base, VT_base, VD_base, j0, offs_m, offs_n,
+                                offs_dqk, offs_dv, stride_km, stride_kdm, stride_vtd, stride_vdm,
+                                stride_vdd, n, vn, T, c, W, M, sla_k1, K2, alpha, DQK, DV,
+                                BLOCK_M, BLOCK_DQK, BLOCK_DV, P_ROWS, QUANT_MODE, MASK_MODE,
+                                SEGMENT != 2, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S,
+                                FAST_SILU, SCALAR_QD, SCALAR_KVD, RESCALE)
+    if RESCALE:
+        acc = acc * r_prev[:, None]
     return acc
 
 
@@ -152,29 +274,13 @@ def _fp8_fwd_query_block(
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, INTERPRET: tl.constexpr,
     MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_DV]`` fp32 output (before ``1 / scaling_seqlen``) of the loaded fp8
-    query rows ``q`` (descales ``qd``) at positions ``m0 .. m0 + BLOCK_M`` of the sequence, head
-    ``h``: every key tile the mask can reach. Shared by the full and the delta kernel."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
-    kd_ptrs = KD + start * stride_kdm + h * stride_kdh + offs_n * stride_kdm
-    vt_ptrs = VT + h * stride_vth + start + offs_dv[:, None] * stride_vtd + offs_n[None, :]
-    vd_ptrs = VD + start * stride_vdm + h * stride_vdh
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
-        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
-    for SEGMENT in tl.static_range(4):
-        lo, hi = tile_segment(SEGMENT, ta0, ta1, tb0, ti0, ti1, tb1)
-        for j0 in range(lo, hi, BLOCK_N):
-            acc = _fp8_fwd_tile(acc, q, qd, k_ptrs, kd_ptrs, vt_ptrs, vd_ptrs, j0, offs_m, offs_n,
-                                offs_dqk, offs_dv, stride_km, stride_kdm, stride_vdm, stride_vdd,
-                                n, T, c, W, M, sla_k1, K2, alpha, DQK, DV, BLOCK_M, BLOCK_DQK,
-                                BLOCK_DV, P_ROWS, QUANT_MODE, MASK_MODE, SEGMENT != 2, INTERPRET,
-                                MAX_IMPRECISE, MAX_IMPRECISE_S)
-    return acc
+    """The query-block loop with per-token descale vectors, exact silu and ``VT`` from
+    :func:`_transposed` (sequence columns at ``start``): the delta (KV-cached) kernel's entry."""
+    return _fp8_fwd_block(
+        q, qd, K, KD, VT, VD, start, start, h, stride_km, stride_kh, stride_kdm, stride_kdh,
+        stride_vth, stride_vtd, stride_vdm, stride_vdh, stride_vdd, m0, n, n, T, c, W, M,
+        sla_k1, K2, alpha, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, P_ROWS, QUANT_MODE,
+        MASK_MODE, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S, False, False, False, False)
 
 
 @triton.jit
@@ -189,7 +295,15 @@ def _fp8_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_ROWS: tl.constexpr,
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
     INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
+    FAST_SILU: tl.constexpr = False, SCALAR_QD: tl.constexpr = False,
+    SCALAR_KVD: tl.constexpr = False, VT_ALIGNED: tl.constexpr = False,
+    RESCALE: tl.constexpr = False,
 ):
+    """FP8 forward, one program per (query block, sequence, head).
+
+    ``VT_ALIGNED``: ``VT`` is :func:`_transposed_aligned`'s layout (sequence ``b`` at column
+    :func:`_vt_start` ``= 16 * (ceil(start / 16) + b)``, zeros up to ``n`` rounded to 16);
+    otherwise :func:`_transposed`'s (column ``start``)."""
     pid_bh = tl.program_id(0)
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -205,16 +319,61 @@ def _fp8_fwd_kernel(
     row_in = offs_m < n
     q = tl.load(Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm
                 + offs_dqk[None, :], mask=row_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-    qd = tl.load(QD + start * stride_qdm + h * stride_qdh + offs_m * stride_qdm, mask=row_in,
-                 other=1.0)
-    acc = _fp8_fwd_query_block(
-        q, qd, K, KD, VT, VD, start, h, stride_km, stride_kh, stride_kdm, stride_kdh, stride_vth,
-        stride_vtd, stride_vdm, stride_vdh, stride_vdd, m0, n, T, c, W, M, sla_k1, K2, alpha,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, P_ROWS, QUANT_MODE, MASK_MODE, INTERPRET,
-        MAX_IMPRECISE, MAX_IMPRECISE_S)
+    if QUANT_MODE == 0:
+        qd = 1.0
+    elif SCALAR_QD:
+        qd = tl.load(QD + (start + m0) * stride_qdm + h * stride_qdh)
+    else:
+        qd = tl.load(QD + start * stride_qdm + h * stride_qdh + offs_m * stride_qdm, mask=row_in,
+                     other=1.0)
+    if FAST_SILU:
+        qd = qd * (alpha * 0.5)
+    if VT_ALIGNED:
+        vstart = _vt_start(start, b)
+        vn = (n + 15) // 16 * 16
+    else:
+        vstart = start
+        vn = n
+    acc = _fp8_fwd_block(
+        q, qd, K, KD, VT, VD, start, vstart, h, stride_km, stride_kh, stride_kdm, stride_kdh,
+        stride_vth, stride_vtd, stride_vdm, stride_vdh, stride_vdd, m0, n, vn, T, c, W, M,
+        sla_k1, K2, alpha, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, P_ROWS, QUANT_MODE,
+        MASK_MODE, INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S, FAST_SILU, SCALAR_QD, SCALAR_KVD,
+        RESCALE)
     o_ptrs = Out + start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, (acc * out_scale).to(Out.dtype.element_ty),
              mask=row_in[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _vt_start(start, b):
+    """First column of sequence ``b`` (token offset ``start``) in the aligned transposed layout:
+    a multiple of 16, and ``_vt_start(b + 1) >= _vt_start(b) + round_up(n_b, 16)``."""
+    return ((start + 15) // 16 + b) * 16
+
+
+@triton.jit
+def _transpose_kernel(
+    X, XT, seq_offsets, stride_xm, stride_xh, stride_th, stride_td, H, D,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``X [L, H, D]`` (fp8) -> ``XT [H, D, C]`` with sequence ``b`` at columns
+    ``_vt_start(start_b, b) ..`` and zeros up to the length rounded up to 16."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, n = seq_span(seq_offsets, b)
+    t0 = tl.program_id(1) * BLOCK_T
+    n16 = (n + 15) // 16 * 16
+    if t0 >= n16:
+        return
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = tl.load(X + (start + offs_t[:, None]) * stride_xm + h * stride_xh + offs_d[None, :],
+                mask=(offs_t[:, None] < n) & (offs_d[None, :] < D), other=0.0)
+    col = _vt_start(start, b) + offs_t
+    tl.store(XT + h * stride_th + offs_d[:, None] * stride_td + col[None, :], tl.trans(x),
+             mask=(offs_d[:, None] < D) & (offs_t < n16)[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -409,14 +568,17 @@ def _vec_strides(token_descale: torch.Tensor) -> Tuple[int, int, int]:
     return token_descale.stride(0), token_descale.stride(1), d_stride
 
 
-def fp8_fwd_candidates(dqk: int, dv: int) -> list:
+def fp8_fwd_candidates(dqk: int, dv: int, fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION) -> list:
     """Forward configs (``block_n`` is fixed by the FP8 definition and ignored here)."""
     if interpret_mode():
         return [KernelConfig(32, 0, 4, 1)]
-    # Measured on H100 (2026-11-25, N=2048/4096): 64/4/3 beat 128/8/{2,3} for D <= 128, and
-    # 128/8/2 beat 64/4/2 and 128/8/1 for D = 256; one config each keeps compile time down.
     if max(dqk, dv) <= 128:
+        if fp8_accumulation == "fast":
+            # fp8 wgmma: one warpgroup per 64 query rows.
+            return [KernelConfig(128, 0, 8, 2), KernelConfig(64, 0, 4, 3), KernelConfig(128, 0, 8, 3)]
+        # Measured on H100 (2026-11-25, N=2048/4096): 64/4/3 beat 128/8/{2,3} for D <= 128.
         return [KernelConfig(64, 0, 4, 3)]
+    # 128/8/2 beat 64/4/2 and 128/8/1 for D = 256 (H100, 2026-11-25).
     return [KernelConfig(128, 0, 8, 2)]
 
 
@@ -429,6 +591,121 @@ def fp8_bwd_candidates(dqk: int, dv: int) -> list:
     if max(dqk, dv) <= 128:
         return [KernelConfig(0, 0, 8, 2, split_bwd=True)]
     return [KernelConfig(0, 0, 8, 1, split_bwd=True)]
+
+
+def _transposed_aligned(values: torch.Tensor, seq_offsets: torch.Tensor,
+                        max_seq_len: int) -> torch.Tensor:
+    """``[L, H, D]`` fp8 -> ``[H, D, C]`` with each sequence starting at a column that is a
+    multiple of 16 (:func:`_vt_start`) and zero-padded to a multiple of 16 columns, so the
+    forward reads the K-major v operand with 16-byte loads whatever the sequence offsets.
+    ``C = 16 * (ceil(L / 16) + B)``; nothing is read back to the host."""
+    total, num_heads, dim = values.shape
+    batch = seq_offsets.numel() - 1
+    cols = 16 * (triton.cdiv(total, 16) + batch)
+    out = torch.empty((num_heads, dim, cols), dtype=values.dtype, device=values.device)
+    block_t = 64
+    grid = (batch * num_heads, triton.cdiv(max_seq_len + 15, block_t))
+    _transpose_kernel[grid](values, out, seq_offsets, values.stride(0), values.stride(1),
+                            out.stride(0), out.stride(1), num_heads, dim, BLOCK_T=block_t,
+                            BLOCK_D=triton.next_power_of_2(dim), num_warps=4)
+    return out
+
+
+#: Benchmark-only overrides of the forward kernel's constexprs (``FAST_SILU``, ``SCALAR_QD``,
+#: ``SCALAR_KVD``), to time one change at a time; empty in normal use.
+_FWD_OVERRIDES: dict = {}
+
+
+class FP8ForwardInputs:
+    """q, k, v quantized for the FP8 forward (what :func:`fp8_fwd_kernel` consumes)."""
+
+    def __init__(self, q_q, k_q, v_q, vt: torch.Tensor) -> None:
+        self.q_q, self.k_q, self.v_q, self.vt = q_q, k_q, v_q, vt
+
+
+def fp8_fwd_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     seq_offsets: torch.Tensor, max_seq_len: int,
+                     fp8_quant_mode: int) -> FP8ForwardInputs:
+    """Quantize ``q, k, v`` for ``fp8_quant_mode`` with the forward tiles (fused Triton
+    quantizers, bit-identical to :func:`~torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and
+    lay ``v`` out transposed (:func:`_transposed_aligned`)."""
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
+    from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode as quantize_for_mode
+
+    tiles = FP8TileSizes.for_head_dim(max(q.shape[2], v.shape[2]))
+    chunk = tiles.colwise_chunk
+    q_q = quantize_for_mode(q, seq_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk,
+                            max_seq_len=max_seq_len)
+    k_q = quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk,
+                            max_seq_len=max_seq_len)
+    v_q = quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True,
+                            chunk=chunk, max_seq_len=max_seq_len)
+    return FP8ForwardInputs(q_q, k_q, v_q, _transposed_aligned(v_q.values, seq_offsets, max_seq_len))
+
+
+def fp8_fwd_kernel(
+    inputs: FP8ForwardInputs,
+    out_dtype: torch.dtype,
+    seq_offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor],
+    max_seq_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    mask: _MaskArgs,
+    fp8_quant_mode: int,
+    config: Optional[KernelConfig] = None,
+    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
+) -> torch.Tensor:
+    """The FP8 forward kernel alone on quantized inputs (:func:`fp8_fwd_quantize`);
+    ``[L, H, Dv]`` in ``out_dtype``."""
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
+
+    check_fp8_accumulation(fp8_accumulation)
+    q_q, k_q, v_q, vt = inputs.q_q, inputs.k_q, inputs.v_q, inputs.vt
+    q8, k8 = q_q.values, k_q.values
+    total, num_heads, dqk = q8.shape
+    dv = v_q.values.shape[2]
+    out = torch.empty((total, num_heads, dv), dtype=out_dtype, device=q8.device)
+    batch = seq_offsets.numel() - 1
+    if total == 0 or batch == 0:
+        return out.zero_()
+    tiles = FP8TileSizes.for_head_dim(max(dqk, dv))
+    block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv)
+    mode = fp8_quant_mode
+
+    def run(cfg: KernelConfig) -> None:
+        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_m))
+        flags = dict(
+            FAST_SILU=fp8_accumulation == "fast",
+            SCALAR_QD=mode >= 3 or (mode == 2 and tiles.fwd_block_m % cfg.block_m == 0),
+            SCALAR_KVD=mode >= 2,
+            RESCALE=mode >= 2 and fp8_accumulation == "fast")
+        flags.update(_FWD_OVERRIDES)
+        _fp8_fwd_kernel[grid](
+            q8, q_q.token_descale, k8, k_q.token_descale, vt, v_q.token_descale, out, seq_offsets,
+            num_targets if num_targets is not None else seq_offsets,
+            q8.stride(0), q8.stride(1), *_row_strides(q_q.token_descale),
+            k8.stride(0), k8.stride(1), *_row_strides(k_q.token_descale),
+            vt.stride(0), vt.stride(1), *_vec_strides(v_q.token_descale),
+            out.stride(0), out.stride(1),
+            alpha, 1.0 / scaling_seqlen,
+            mask.c, mask.w, mask.m, mask.sla_k1, mask.k2,
+            num_heads,
+            DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+            BLOCK_M=cfg.block_m, BLOCK_N=tiles.fwd_block_n, P_ROWS=tiles.fwd_p_rows,
+            QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
+            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False, fp8_accumulation),
+            MAX_IMPRECISE_S=_max_imprecise(True, fp8_accumulation),
+            VT_ALIGNED=True, **flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    if config is None:
+        key = ("fp8_fwd", mode, fp8_accumulation, out_dtype, block_dqk, block_dv,
+               mask.mode, _seq_class(max_seq_len))
+        config = choose_config(key, fp8_fwd_candidates(dqk, dv, fp8_accumulation), max_seq_len, run)
+    run(config)
+    return out
 
 
 def fp8_fwd(
@@ -445,57 +722,16 @@ def fp8_fwd(
     config: Optional[KernelConfig] = None,
     fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
 ) -> torch.Tensor:
-    """Quantize ``q, k, v`` for ``fp8_quant_mode`` (fused Triton quantizers, bit-identical to
-    :func:`~torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and run the FP8 forward;
-    ``[L, H, Dv]``."""
-    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
-    from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode as quantize_for_mode
-
+    """Quantize ``q, k, v`` for ``fp8_quant_mode`` (:func:`fp8_fwd_quantize`) and run the FP8
+    forward (:func:`fp8_fwd_kernel`); ``[L, H, Dv]`` in the dtype of ``q``."""
     check_fp8_accumulation(fp8_accumulation)
-
-    total, num_heads, dqk = q.shape
-    dv = v.shape[2]
-    out = torch.empty((total, num_heads, dv), dtype=q.dtype, device=q.device)
+    total, num_heads, _ = q.shape
     batch = seq_offsets.numel() - 1
     if total == 0 or batch == 0:
-        return out.zero_()
-    tiles = FP8TileSizes.for_head_dim(max(dqk, dv))
-    chunk = tiles.colwise_chunk
-    q_q = quantize_for_mode(q, seq_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk,
-                            max_seq_len=max_seq_len)
-    k_q = quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk,
-                            max_seq_len=max_seq_len)
-    v_q = quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True,
-                            chunk=chunk, max_seq_len=max_seq_len)
-    q8, k8, vt = q_q.values, k_q.values, _transposed(v_q.values)
-    block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv)
-
-    def run(cfg: KernelConfig) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_m))
-        _fp8_fwd_kernel[grid](
-            q8, q_q.token_descale, k8, k_q.token_descale, vt, v_q.token_descale, out, seq_offsets,
-            num_targets if num_targets is not None else seq_offsets,
-            q8.stride(0), q8.stride(1), *_row_strides(q_q.token_descale),
-            k8.stride(0), k8.stride(1), *_row_strides(k_q.token_descale),
-            vt.stride(0), vt.stride(1), *_vec_strides(v_q.token_descale),
-            out.stride(0), out.stride(1),
-            alpha, 1.0 / scaling_seqlen,
-            mask.c, mask.w, mask.m, mask.sla_k1, mask.k2,
-            num_heads,
-            DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-            BLOCK_M=cfg.block_m, BLOCK_N=tiles.fwd_block_n, P_ROWS=tiles.fwd_p_rows,
-            QUANT_MODE=fp8_quant_mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
-            INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False, fp8_accumulation),
-            MAX_IMPRECISE_S=_max_imprecise(True, fp8_accumulation),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    if config is None:
-        key = ("fp8_fwd", fp8_quant_mode, fp8_accumulation, q.dtype, block_dqk, block_dv,
-               mask.mode, _seq_class(max_seq_len))
-        config = choose_config(key, fp8_fwd_candidates(dqk, dv), max_seq_len, run)
-    run(config)
-    return out
+        return torch.zeros((total, num_heads, v.shape[2]), dtype=q.dtype, device=q.device)
+    inputs = fp8_fwd_quantize(q, k, v, seq_offsets, max_seq_len, fp8_quant_mode)
+    return fp8_fwd_kernel(inputs, q.dtype, seq_offsets, num_targets, max_seq_len, alpha,
+                          scaling_seqlen, mask, fp8_quant_mode, config, fp8_accumulation)
 
 
 def fp8_bwd(

@@ -1,0 +1,105 @@
+"""One factory for the attention custom ops, and the :class:`AttentionOptions` codec they share.
+
+Every attention op (the Triton families' forward / backward, the FP8 export op) takes the same
+arguments: leading tensors (``q, k, v, seq_offsets, num_targets``, and ``dout`` first for a
+backward), ``max_seq_len``, ``alpha``, the :class:`AttentionOptions` fields in declaration
+order, then op-specific trailing arguments. :func:`define_attention_op` writes that schema once
+from the dataclass, registers the implementations and the fake, and hands each implementation
+an :class:`AttentionOptions` again (:meth:`AttentionOptions.to_op_args` /
+:meth:`AttentionOptions.from_op_args` are the codec), so no op spells the eight fields out.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from torchrec_hstu.ops.common import AttentionOptions
+
+#: Schema types of the :class:`AttentionOptions` fields, in declaration order.
+_SCHEMA_TYPES = {bool: "bool", int: "int", "bool": "bool", "int": "int"}
+OPTION_SCHEMA: str = ", ".join(
+    f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(AttentionOptions)
+)
+NUM_OPTION_ARGS = len(dataclasses.fields(AttentionOptions))
+
+#: Python modules that define custom ops, recorded as they register (an exported program needs
+#: them imported before it loads).
+OP_MODULES: Dict[str, str] = {}
+
+
+def define_attention_op(
+    qualname: str,
+    tensors: Sequence[str],
+    impl: Callable[..., Any],
+    fake: Callable[..., Any],
+    trailing: Sequence[str] = (),
+    returns: str = "Tensor",
+    cuda_impl: Optional[Callable[..., Any]] = None,
+    module: Optional[str] = None,
+) -> Callable[..., Any]:
+    """Define ``qualname`` with the shared attention signature and return a caller.
+
+    Args:
+        qualname: ``"namespace::name"``.
+        tensors: schema of the leading tensor arguments (``"Tensor q"``, ``"Tensor? num_targets"``).
+        impl: ``impl(*tensors, max_seq_len, alpha, options, *trailing)``: the default (CPU and
+            any device without its own) implementation.
+        fake: same signature; returns empty outputs of the right shapes.
+        trailing: schema of op-specific trailing arguments (``"str kernel"``).
+        returns: the schema's return type.
+        cuda_impl: the CUDA implementation, if it differs from ``impl``.
+        module: the Python module that must be imported for the op to exist (recorded in
+            :data:`OP_MODULES`).
+
+    Returns:
+        ``call(*tensors, max_seq_len, alpha, options, *trailing)``: runs the op.
+    """
+    namespace, name = qualname.split("::")
+    schema = (
+        f"({', '.join(tensors)}, SymInt max_seq_len, float alpha, {OPTION_SCHEMA}"
+        f"{''.join(', ' + t for t in trailing)}) -> {returns}"
+    )
+    torch.library.define(qualname, schema)
+    num_tensors = len(tensors)
+
+    def decoded(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            head = args[: num_tensors + 2]
+            options = AttentionOptions.from_op_args(args[num_tensors + 2 : num_tensors + 2 + NUM_OPTION_ARGS])
+            return fn(*head, options, *args[num_tensors + 2 + NUM_OPTION_ARGS :])
+
+        return run
+
+    torch.library.impl(qualname, "default")(decoded(impl))
+    if cuda_impl is not None:
+        torch.library.impl(qualname, "cuda")(decoded(cuda_impl))
+    torch.library.register_fake(qualname)(decoded(fake))
+    if module is not None:
+        OP_MODULES[qualname] = module
+    op = getattr(getattr(torch.ops, namespace), name)
+
+    def call(*args: Any) -> Any:
+        head = args[: num_tensors + 2]
+        options: AttentionOptions = args[num_tensors + 2]
+        return op(*head, *options.to_op_args(), *args[num_tensors + 3 :])
+
+    call.op = op  # type: ignore[attr-defined]
+    call.qualname = qualname  # type: ignore[attr-defined]
+    return call
+
+
+def register_attention_autograd(fwd: Callable[..., Any], bwd: Callable[..., Any]) -> None:
+    """Autograd of a forward op ``(q, k, v, seq_offsets, num_targets, ...)`` by its backward op
+    ``(dout, q, k, v, seq_offsets, num_targets, ...) -> (dq, dk, dv)`` (both from
+    :func:`define_attention_op`); everything after the tensors gets no gradient."""
+
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs[:5])
+        ctx.rest = inputs[5:]
+
+    def backward(ctx: Any, dout: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        dq, dk, dv = bwd.op(dout, *ctx.saved_tensors, *ctx.rest)  # type: ignore[attr-defined]
+        return (dq, dk, dv) + (None,) * (2 + len(ctx.rest))
+
+    torch.library.register_autograd(fwd.qualname, backward, setup_context=setup_context)  # type: ignore[attr-defined]
