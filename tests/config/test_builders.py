@@ -20,7 +20,6 @@ from torchrec_hstu.config import (
 from torchrec_hstu.modules import (
     ContextualPreprocessor,
     HSTUPositionalEncoder,
-    HSTUTransducer,
     L2NormPostprocessor,
     LayerNormPostprocessor,
     MultiChannelHSTU,

@@ -180,6 +180,8 @@ class MultiChannelHSTU(nn.Module):
                 )
             parts.append(hist_lengths.to(num_candidates.device))
             totals.append(hist_values.shape[0])
+        if is_tracing():
+            return None
         # One jagged batch of (channels + 1) * B sequences: the candidates', then each history's.
         all_lengths = torch.cat([p.to(torch.int64) for p in parts])
         facts = check_jagged_batch_sync(

@@ -20,7 +20,6 @@ from torchrec_hstu.ops.common import (
     HSTUKernel,
     JaggedBatchFacts,
     check_jagged_batch_sync,
-    is_tracing,
     to_kernel,
 )
 from torchrec_hstu.modules.kv_cache import (
