@@ -6,6 +6,9 @@ Side by side in one run, causal attention, ``H`` heads of dim ``D``, ``B`` seque
 * ours bf16 forward and forward+backward (``kernel=TRITON``);
 * ours FP8 forward and forward+backward per ``fp8_quant_mode`` (quantization included);
 * the PyTorch reference forward (where it fits the time budget);
+* the public path, ``hstu_mha(kernel=TRITON)`` (input checks included), beside the kernel entry;
+* FBGEMM's CUTLASS HSTU kernels (``fbgemm_gpu.experimental.hstu``, when the wheel imports):
+  bf16 forward and forward+backward, per-tensor FP8 forward, through our CUTLASS backend;
 * ``scaled_dot_product_attention`` with the flash backend, bf16, causal, on padded dense
   ``[B, H, N, D]`` tensors (the tuned-attention yardstick; for jagged batches it pays for the
   padding, which is how one would run it).
@@ -120,6 +123,33 @@ def run_case(
     record("triton_bf16", "fwd", bench(fwd), host_ms=host_ms(fwd))
     record("triton_bf16", "fwd_bwd", bench(fwd_bwd), 3.5, host_ms=host_ms(fwd_bwd))
 
+    # What a user calls: hstu_mha, whose input checks read the batch's lengths once per call.
+    from torchrec_hstu.ops.hstu_attention import hstu_mha
+
+    public = lambda: hstu_mha(max_len, alpha, q, k, v, offsets, kernel="TRITON", training=False)
+    def public_fwd_bwd():
+        out = hstu_mha(max_len, alpha, *leaves, offsets, kernel="TRITON")
+        torch.autograd.grad(out, leaves, dout)
+    public(); public_fwd_bwd()
+    record("public_hstu_mha_bf16", "fwd", bench(public), host_ms=host_ms(public))
+    record("public_hstu_mha_bf16", "fwd_bwd", bench(public_fwd_bwd), 3.5, host_ms=host_ms(public_fwd_bwd))
+
+    if cutlass_wheel_imports():
+        from torchrec_hstu.ops.cutlass import cutlass_hstu_attention
+
+        cut = lambda opts=AttentionOptions(): cutlass_hstu_attention(q, k, v, offsets, max_len, alpha, opts)
+        def cut_fwd_bwd():
+            out = cutlass_hstu_attention(*leaves, offsets, max_len, alpha, AttentionOptions())
+            torch.autograd.grad(out, leaves, dout)
+        cut(); cut_fwd_bwd()
+        record("cutlass_bf16", "fwd", bench(cut), host_ms=host_ms(cut))
+        record("cutlass_bf16", "fwd_bwd", bench(cut_fwd_bwd), 3.5)
+        if dim in (64, 128, 256):
+            fp8 = lambda: cut(AttentionOptions(fp8_quant_mode=5))
+            with torch.no_grad():
+                fp8()
+                record("cutlass_fp8_mode5", "fwd", bench(fp8))
+
     for mode in fp8_modes:
         f8, f8b = ours(AttentionOptions(fp8_quant_mode=mode))
         f8(); f8b()
@@ -184,6 +214,13 @@ def run_case(
     return rows
 
 
+def cutlass_wheel_imports() -> bool:
+    from torchrec_hstu.ops.cutlass import find_cutlass_wheel
+
+    wheel = find_cutlass_wheel()
+    return wheel is not None and wheel.flavor == "fbgemm"
+
+
 def accumulation_probe(batch: int = 16, max_len: int = 4096, dim: int = 128, num_heads: int = 4,
                        modes=(2, 5)) -> List[Dict]:
     """FP8 fwd / fwd+bwd under each ``fp8_accumulation`` choice, next to bf16, one shape."""
@@ -234,6 +271,17 @@ def ratio_table(rows: List[Dict]) -> List[Dict]:
             for impl, d in sub:
                 if impl.startswith("triton_fp8") and d == direction and ours:
                     entry[f"{impl}_{direction}_vs_bf16"] = ours["ms"] / sub[(impl, d)]["ms"]
+            cutlass = sub.get(("cutlass_bf16", direction))
+            if cutlass and ours:
+                entry[f"bf16_{direction}_vs_cutlass"] = cutlass["ms"] / ours["ms"]
+            public = sub.get(("public_hstu_mha_bf16", direction))
+            if public and ours:
+                entry[f"public_{direction}_over_kernel"] = public["ms"] / ours["ms"]
+        cutlass_fp8 = sub.get(("cutlass_fp8_mode5", "fwd"))
+        for mode in (2, 5):
+            ours_fp8 = sub.get((f"triton_fp8_mode{mode}", "fwd"))
+            if cutlass_fp8 and ours_fp8:
+                entry[f"fp8_mode{mode}_fwd_vs_cutlass_fp8"] = cutlass_fp8["ms"] / ours_fp8["ms"]
         out.append(entry)
     return out
 
