@@ -179,8 +179,9 @@ def test_imports_point_down_the_layers():
 
 
 def test_config_import_does_not_load_torchrec():
-    """``import torchrec_hstu.config`` (schema, loader, validation) needs no torchrec; only a
-    builder call pulls in the modules (and torchrec with them)."""
+    """``import torchrec_hstu.config`` (schema, loader, validation) needs no torchrec; the
+    builder names load the builders (and the modules, torchrec with them) on first use, which
+    ``tests/config/test_builders.py`` exercises."""
     import subprocess
     import sys
 
@@ -189,7 +190,7 @@ def test_config_import_does_not_load_torchrec():
         "from torchrec_hstu.config import load_config, validate_config, config_to_kwargs; "
         "assert 'torchrec' not in sys.modules, 'torchrec imported'; "
         "assert 'torchrec_hstu.modules' not in sys.modules, 'modules imported'; "
-        "c.build_transducer; assert 'torchrec_hstu.modules' in sys.modules"
+        "assert 'build_transducer' in dir(c)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
