@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import resolve_device, run_info, write_json  # noqa: E402
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from torchrec_hstu.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 from torchrec_hstu.data.ranking import CHANNEL_ACTION_FILTERS, make_ranking_batch, split_users  # noqa: E402
 from torchrec_hstu.data.sequences import leave_last_out, make_batch  # noqa: E402
 from torchrec_hstu.data.synthetic import ImpressionConfig, generate_impressions  # noqa: E402
@@ -59,6 +59,7 @@ from torchrec_hstu.distributed import (  # noqa: E402
     load_checkpoint,
     num_global_batches,
     plan_sharding,
+    record_errors,
     save_checkpoint,
     shard_model,
     step_generator,
@@ -75,6 +76,10 @@ TASKS = {"retrieval": "train_retrieval", "ranking": "train_ranking"}
 
 def _example(task: str):
     return importlib.import_module(TASKS[task])
+#: Seconds a collective waits for the other ranks (``--dist-timeout``): a stopped or hung rank
+#: ends the job after about this plus torchrun's ~30 s teardown. The longest a rank works alone
+#: while the others wait is rank 0's baselines before the first step; see docs/distributed.md.
+DEFAULT_DIST_TIMEOUT = 120.0
 DEFAULTS = {
     "retrieval": dict(epochs=20, lr=3e-3, global_batch_size=128, eval_batch_size=256),
     "ranking": dict(epochs=8, lr=2e-3, global_batch_size=128, eval_batch_size=256),
@@ -147,8 +152,9 @@ def build_parser(tasks: Sequence[str] = tuple(TASKS)) -> argparse.ArgumentParser
                            help="in_batch / mixed draw from the whole global batch (all-gathered ids)")
             g.add_argument("--temperature", type=float, default=0.05)
         g.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: leave as is)")
-        g.add_argument("--dist-timeout", type=float, default=600.0,
-                       help="seconds a collective may wait for other ranks before failing")
+        g.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT,
+                       help="seconds a collective may wait for other ranks before failing: a hung rank "
+                       "ends the job after about this plus 30 s (raise it if one rank works alone longer)")
         g = sub.add_argument_group("outputs and checkpoints")
         g.add_argument("--output-dir", default=f"runs/dmp-{task}")
         g.add_argument("--checkpoint-dir", default=None, help="default: <output-dir>/checkpoints")
@@ -160,6 +166,7 @@ def build_parser(tasks: Sequence[str] = tuple(TASKS)) -> argparse.ArgumentParser
         g.add_argument("--no-progress", action="store_true")
         g.add_argument("--fail-at-step", default=None, metavar="RANK:STEP",
                        help="fault injection (tests): raise on RANK when global step STEP starts")
+        add_debug_flag(sub)
     return parser
 
 
@@ -193,7 +200,7 @@ def init_distributed(args: argparse.Namespace) -> Dist:
         torch.cuda.set_device(device)
     backend = args.backend if args.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
-        raise SystemExit("--backend nccl needs --device cuda")
+        raise UserError("--backend nccl needs --device cuda")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
@@ -276,7 +283,7 @@ class RankingTask:
         self.model, self.tasks, max_seq_len = train_ranking.build_model(args, self.num_items)
         unknown = [c for c in self.model.channels if c not in CHANNEL_ACTION_FILTERS]
         if unknown:
-            raise SystemExit(f"channels {unknown} have no data in the impression log; use {sorted(CHANNEL_ACTION_FILTERS)}")
+            raise UserError(f"channels {unknown} have no data in the impression log; use {sorted(CHANNEL_ACTION_FILTERS)}")
         self.max_history_len = max(1, max_seq_len - self.log.num_candidates)
         self.bitmasks = list(self.tasks.values())
         self.metric_keys = tuple(f"AUC/{t}" for t in self.tasks)
@@ -342,7 +349,7 @@ def _parse_failure(spec: Optional[str]) -> Optional[Tuple[int, int]]:
     try:
         rank, step = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise SystemExit(f"--fail-at-step must be RANK:STEP (integers); got {spec!r}") from None
+        raise UserError(f"--fail-at-step must be RANK:STEP (integers); got {spec!r}") from None
     return rank, step
 
 
@@ -352,7 +359,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.global_batch_size % env.world_size != 0:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} must be divisible by the "
+        raise UserError(f"--global-batch-size {args.global_batch_size} must be divisible by the "
                          f"world size {env.world_size}")
     failure = _parse_failure(args.fail_at_step)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -388,13 +395,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     checkpoint_dir = args.checkpoint_dir or os.path.join(args.output_dir, "checkpoints")
     steps_per_epoch = num_global_batches(task.num_rows, args.global_batch_size)
     if steps_per_epoch == 0:
-        raise SystemExit(f"{task.num_rows} training rows give no full global batch of {args.global_batch_size}")
+        raise UserError(f"{task.num_rows} training rows give no full global batch of {args.global_batch_size}")
 
     epoch, start_step, global_step = 0, 0, 0
     if args.resume:
         path = latest_checkpoint(checkpoint_dir) if args.resume == "auto" else args.resume
         if path is None:
-            raise SystemExit(f"--resume auto: no checkpoint in {checkpoint_dir}")
+            raise UserError(f"--resume auto: no checkpoint in {checkpoint_dir}")
         info = load_checkpoint(path, dmp.module.model, optimizer, model_config=model_config)
         epoch, start_step, global_step = (info.progress[k] for k in ("epoch", "next_step", "global_step"))
         saved_batch = info.training_config.get("global_batch_size")
@@ -496,7 +503,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return payload
 
 
-@record
+@record_errors
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     chosen = [a for a in argv if a in TASKS][:1]
@@ -504,4 +511,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

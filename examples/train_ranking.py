@@ -43,6 +43,7 @@ from common import (  # noqa: E402
 from torchmetrics.classification import BinaryAUROC  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from torchrec_hstu.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 from torchrec_hstu.data.ranking import (  # noqa: E402
     CHANNEL_ACTION_FILTERS,
     DEFAULT_TASKS,
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: <output-dir>/checkpoint.pt)")
     g.add_argument("--no-progress", action="store_true")
+    add_debug_flag(p)
     return p
 
 
@@ -107,6 +109,7 @@ def build_model(args: argparse.Namespace, num_items: int) -> Tuple[HSTURanking, 
         model = HSTURanking(
             num_items, item_embedding_dim=cfg.item_embedding_dim or args.item_embedding_dim,
             encoder=encoder, task_names=list(tasks),
+            item_mlp_hidden_dim=cfg.item_mlp_hidden_dim, fusion_hidden_dim=cfg.fusion_hidden_dim,
         )
         return model, tasks, cfg.max_seq_len or args.max_seq_len
     channels = [c.strip() for c in args.channels.split(",") if c.strip()]
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model, tasks, max_seq_len = build_model(args, log.num_items)
     unknown = [c for c in model.channels if c not in CHANNEL_ACTION_FILTERS]
     if unknown:
-        raise SystemExit(f"channels {unknown} have no data in the impression log; use {sorted(CHANNEL_ACTION_FILTERS)}")
+        raise UserError(f"channels {unknown} have no data in the impression log; use {sorted(CHANNEL_ACTION_FILTERS)}")
     # Histories are truncated so history + candidates fit the model's max_seq_len.
     max_history_len = max(1, max_seq_len - log.num_candidates)
     if device.type == "cuda":
@@ -288,4 +291,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,7 +28,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable, List, NoReturn, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple, Type
 
 __all__ = [
     "DEBUG_ENV",
@@ -106,12 +106,13 @@ def _debug_requested(argv: Sequence[str]) -> Tuple[bool, List[str]]:
     return debug, rest
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:
+def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> NoReturn:
     """Runs ``main(argv)`` and exits with its status; a user error exits 2 with one line.
 
     Args:
         main: the entry point; takes the argument list (without the program name) and returns
-            an exit status (``None`` counts as 0). argparse errors (``SystemExit``) pass through.
+            an exit status (an int; anything else, e.g. ``None`` or a result dict, counts as 0).
+            argparse errors (``SystemExit``) pass through.
         argv: the arguments; default ``sys.argv[1:]``. ``--debug`` is removed before ``main``
             sees it.
 
@@ -133,4 +134,4 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opti
         else:
             print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    sys.exit(0 if status is None else int(status))
+    sys.exit(status if isinstance(status, int) else 0)

@@ -6,6 +6,8 @@
 * :mod:`~torchrec_hstu.distributed.data`: global batches and each rank's share; padded
   evaluation shards.
 * :mod:`~torchrec_hstu.distributed.metrics`: sums and gathers across ranks.
+* :mod:`~torchrec_hstu.distributed.errors`: ``@record_errors``, torchrun's ``@record`` writing
+  each rank's error file completely (write, then rename).
 * :mod:`~torchrec_hstu.distributed.checkpoint`: sharded checkpoints with
   ``torch.distributed.checkpoint`` that load at any world size, and never unpickle code.
 
@@ -33,6 +35,7 @@ from torchrec_hstu.distributed.data import (
     step_generator,
     train_shards,
 )
+from torchrec_hstu.distributed.errors import AtomicErrorHandler, record_errors
 from torchrec_hstu.distributed.metrics import all_gather_1d, all_reduce_sum
 from torchrec_hstu.distributed.sharding import (
     EMBEDDING_OPTIMIZERS,
@@ -47,6 +50,7 @@ from torchrec_hstu.distributed.sharding import (
 )
 
 __all__ = [
+    "AtomicErrorHandler",
     "CheckpointError",
     "CheckpointInfo",
     "EMBEDDING_OPTIMIZERS",
@@ -71,6 +75,7 @@ __all__ = [
     "read_dcp_metadata",
     "read_manifest",
     "read_tensors",
+    "record_errors",
     "save_checkpoint",
     "shard_model",
     "step_generator",

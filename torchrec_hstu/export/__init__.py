@@ -93,6 +93,9 @@ _LAZY: Dict[str, str] = {
     },
     **{name: "torchrec_hstu.export.specs" for name in ("ExportWrapper", "ModelSpec", "SPECS", "autocast_context", "spec_for")},
     "main": "torchrec_hstu.export.command",
+    # The model builder lives in the model layer; these names stay importable from here.
+    "build_model_from_config": "torchrec_hstu.models.build",
+    "load_checkpoint_state": "torchrec_hstu.models.build",
 }
 
 __all__ = [

@@ -1,0 +1,80 @@
+"""Complete error records for torchrun: each rank's error file is written, then renamed.
+
+torchrun (``torch.distributed.elastic``) gives every worker an error file
+(``$TORCHELASTIC_ERROR_FILE``); the worker's ``@record`` decorator writes the exception there as
+JSON, and torchrun reads it for its failure summary when the worker exits. torch's handler
+writes the file in place, so a rank killed while writing (torchrun stops the surviving ranks
+as soon as one fails) leaves a half-written JSON, and torchrun's summary then dies parsing it
+(seen once in two runs). :class:`AtomicErrorHandler` writes to a temporary file in the same
+folder and renames it over the error file: torchrun reads a complete record or none.
+
+Example::
+
+    from torchrec_hstu.distributed.errors import record_errors
+
+    @record_errors
+    def main(argv=None): ...
+"""
+
+import json
+import os
+import time
+import traceback
+import uuid
+from typing import Any, Callable, TypeVar
+
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
+
+__all__ = ["AtomicErrorHandler", "record_errors", "write_atomic"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Args:
+        path: the destination; a reader sees its old content (or none) or all of ``text``.
+        text: the content.
+    """
+    temporary = os.path.join(
+        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    )
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+class AtomicErrorHandler(ErrorHandler):
+    """torch's :class:`ErrorHandler` with every error file written by :func:`write_atomic`.
+
+    The record has torch's layout (``{"message": {"message", "extraInfo": {"py_callstack",
+    "timestamp"}}}``), which torchrun's summary parses.
+    """
+
+    def _write_error_file(self, file_path: str, error_msg: str) -> None:
+        write_atomic(file_path, error_msg)
+
+    def record_exception(self, e: BaseException) -> None:
+        file = self._get_error_file_path()
+        if not file:
+            return
+        data = {
+            "message": {
+                "message": f"{type(e).__name__}: {e}",
+                "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))},
+            }
+        }
+        write_atomic(file, json.dumps(data))
+
+
+def record_errors(fn: F) -> F:
+    """``torch.distributed.elastic``'s ``@record`` with :class:`AtomicErrorHandler`."""
+    return record(fn, error_handler=AtomicErrorHandler())  # type: ignore[return-value]
