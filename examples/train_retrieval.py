@@ -7,6 +7,8 @@ same leave-last-out split: HR@10, NDCG@10, HR@50, NDCG@50, MRR against the full 
 Examples::
 
     python examples/train_retrieval.py                                  # built-in data
+    python examples/train_retrieval.py --data ml-100k --data-path u.data --recipe ml-100k \
+        --model hstu,sasrec --seeds 0,1,2                               # MovieLens-100K benchmark
     python examples/train_retrieval.py --data ml-1m --data-path ml-1m/ratings.dat
     python examples/train_retrieval.py --data ml-20m --data-path ml-20m/ratings.csv
     python examples/train_retrieval.py --data csv --data-path log.csv   # user,item,timestamp
@@ -14,16 +16,29 @@ Examples::
     python examples/train_retrieval.py --resume                         # continue a run
     python examples/train_retrieval.py --device cuda
 
+Models: ``--model hstu`` (default) or ``sasrec`` (the causal softmax-attention baseline), or a
+comma list: each is trained on the same split and reported beside the non-neural baselines.
+``--eval-split valid`` holds out each user's second-to-last item instead of the last (train on
+the rest): choose hyperparameters there, never on the test items. ``--recipe ml-100k`` sets the
+hyperparameters chosen that way for each model (flags given on the command line win).
+
 Outputs in ``--output-dir``: ``metrics.json``, ``training_curves.png``, ``checkpoint.pt``
-(model + optimizer + epoch; ``torch.load(..., weights_only=True)``).
+(model + optimizer + epoch + the run's arguments and data fingerprint;
+``torch.load(..., weights_only=True)``). ``--resume`` refuses a checkpoint of another run
+(other arguments or data) unless ``--resume-anyway``.
+
+A user error (bad input file, bad checkpoint, bad argument) ends with one line
+``error: ...`` on stderr and exit status 2; ``--debug`` (or ``TORCHREC_HSTU_DEBUG=1``) shows the
+traceback.
 """
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import (  # noqa: E402
     Throughput,
+    data_fingerprint,
     epoch_generator,
     mean_std,
     plot_history,
@@ -44,6 +60,7 @@ from common import (  # noqa: E402
 )
 from tqdm import tqdm  # noqa: E402
 
+from torchrec_hstu.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 from torchrec_hstu.data.readers import FORMATS, read_interactions  # noqa: E402
 from torchrec_hstu.data.sequences import (  # noqa: E402
     RetrievalSplit,
@@ -60,10 +77,27 @@ from torchrec_hstu.models.retrieval import (  # noqa: E402
     NEGATIVE_STRATEGIES,
     HSTURetrieval,
     HSTURetrievalTrain,
+    SequentialRetrieval,
     sample_negatives,
 )
+from torchrec_hstu.models.sasrec import SASRecRetrieval  # noqa: E402
 
 METRIC_KEYS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")
+#: --model choice -> row name in the tables.
+MODEL_NAMES = {"hstu": "HSTU", "sasrec": "SASRec"}
+#: Arguments a resumed run may change (everything else must match the checkpoint's).
+RESUME_FREE_ARGS = (
+    "epochs", "output_dir", "resume", "resume_anyway", "no_progress", "threads", "eval_batch_size",
+    "eval_every", "results_dir", "device", "kernel", "seeds",
+)
+#: Hyperparameters per data set and model, chosen on the validation split (--eval-split valid)
+#: with the same search budget for each model (benchmarks/results/2026-12-02-cpu-retrieval-ml-100k-*.md).
+RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "ml-100k": {
+        "hstu": {},
+        "sasrec": {},
+    },
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", choices=("synthetic",) + FORMATS,
                    help="built-in synthetic data, MovieLens-1M ratings.dat, MovieLens-20M ratings.csv or a user,item,timestamp CSV")
-    g.add_argument("--data-path", default=None, help="input file for --data ml-1m / ml-20m / csv")
+    g.add_argument("--data-path", default=None, help="input file for --data ml-100k / ml-1m / ml-20m / csv")
+    g.add_argument("--eval-split", default="test", choices=("test", "valid"),
+                   help="test: hold out each user's last item; valid: the second-to-last (train on the rest; for tuning)")
     g.add_argument("--num-users", type=int, default=RingSequenceConfig.num_users, help="synthetic: users")
     g.add_argument("--num-items", type=int, default=RingSequenceConfig.num_items, help="synthetic: catalogue size")
     g.add_argument("--num-clusters", type=int, default=RingSequenceConfig.num_clusters, help="synthetic: user clusters")
@@ -80,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=RingSequenceConfig.max_len, help="synthetic: longest sequence")
     g.add_argument("--noise", type=float, default=RingSequenceConfig.noise, help="synthetic: off-ring interaction probability")
     g = p.add_argument_group("model")
+    g.add_argument("--model", default="hstu",
+                   help="hstu or sasrec, or a comma list (each trained on the same split, reported side by side)")
+    g.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="per-model hyperparameters chosen on the validation split; explicit flags win")
     g.add_argument("--config", default=None, help="HSTU transducer from a .pbtxt (torchrec_hstu.config); overrides the model flags")
     g.add_argument("--embedding-dim", type=int, default=64)
     g.add_argument("--num-layers", type=int, default=2)
@@ -87,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dim", type=int, default=32, help="q/k dim per head")
     g.add_argument("--hidden-dim", type=int, default=32, help="u/v dim per head")
     g.add_argument("--max-seq-len", type=int, default=200, help="keep the latest this-many interactions")
-    g.add_argument("--dropout", type=float, default=0.1, help="input and STU output dropout")
+    g.add_argument("--dropout", type=float, default=0.1, help="input and STU output dropout (SASRec: every dropout)")
     g.add_argument("--num-gap-buckets", type=int, default=32, help="gap-to-previous-interaction embedding buckets (0: off)")
     g.add_argument("--no-time-encoding", action="store_true", help="drop the positional encoder's time buckets")
     g.add_argument("--kernel", default=None,
@@ -97,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                   help="cosine: decay to 0 over all steps after --warmup-steps of linear warm-up")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    g.add_argument("--loss", default="sampled", choices=("sampled", "full"),
+                   help="sampled softmax (--num-negatives shared negatives) or full softmax over the catalogue")
     g.add_argument("--num-negatives", type=int, default=256, help="shared sampled negatives per batch")
     g.add_argument("--negatives", default="uniform", choices=NEGATIVE_STRATEGIES)
     g.add_argument("--temperature", type=float, default=0.05)
@@ -111,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs/retrieval")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: <output-dir>/checkpoint.pt)")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="resume even if the checkpoint's arguments or data fingerprint differ from this run's")
     g.add_argument("--results-dir", default=None, help="with --seeds: also write the table to this folder (e.g. benchmarks/results)")
     g.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
+    add_debug_flag(p)
     return p
 
 
@@ -130,13 +178,41 @@ def load_data(args: argparse.Namespace, seed: int) -> Tuple[SequenceDataset, Dic
         )
         return generate_ring_sequences(config).dataset, {"name": "synthetic-rings", **dataclasses.asdict(config)}
     if not args.data_path:
-        raise SystemExit(f"--data {args.data} needs --data-path")
+        raise UserError(f"--data {args.data} needs --data-path FILE")
     return read_interactions(args.data, args.data_path), {"name": args.data, "path": args.data_path}
 
 
-def build_model(args: argparse.Namespace, num_items: int) -> HSTURetrieval:
-    """From ``--config`` (the config layer's builder; its ``max_seq_len``, when set, replaces
-    ``--max-seq-len``) or from the model flags."""
+def make_split(dataset: SequenceDataset, args: argparse.Namespace) -> RetrievalSplit:
+    """Leave-last-out on the test item, or (``--eval-split valid``) on the second-to-last item
+    with the last one dropped; refuses data with no user left to evaluate."""
+    split = leave_last_out(dataset)
+    if args.eval_split == "valid":
+        split = leave_last_out(split.train)
+    if split.train.num_users == 0:
+        needed = 2 if args.eval_split == "test" else 3
+        where = f"--data-path {args.data_path}" if args.data != "synthetic" else "--data synthetic"
+        raise UserError(
+            f"{where}: no user has at least {needed} interactions ({dataset.num_users} users, "
+            f"{dataset.num_interactions} interactions); leave-last-out with --eval-split {args.eval_split} "
+            f"needs {needed} per user to keep a history and hold one out"
+        )
+    return split
+
+
+def build_model(args: argparse.Namespace, num_items: int) -> SequentialRetrieval:
+    """HSTU from ``--config`` (the config layer's builder; its ``max_seq_len``, when set,
+    replaces ``--max-seq-len``) or from the model flags; SASRec from the model flags."""
+    if args.model == "sasrec":
+        if args.config:
+            raise UserError("--config describes an HSTU transducer; it does not apply to --model sasrec")
+        return SASRecRetrieval(
+            num_items,
+            embedding_dim=args.embedding_dim,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            max_seq_len=args.max_seq_len,
+            dropout_ratio=args.dropout,
+        )
     if args.config:
         from torchrec_hstu.config import build_retrieval_transducer, load_config
 
@@ -165,7 +241,7 @@ def build_model(args: argparse.Namespace, num_items: int) -> HSTURetrieval:
 
 @torch.no_grad()
 def evaluate(
-    model: HSTURetrieval, split: RetrievalSplit, args: argparse.Namespace, desc: str = "eval"
+    model: SequentialRetrieval, split: RetrievalSplit, args: argparse.Namespace, desc: str = "eval"
 ) -> Dict[str, float]:
     """HR/NDCG@10/50 and MRR of each user's held-out last item vs the full catalogue."""
     was_training = model.training
@@ -201,13 +277,24 @@ def print_table(rows: Dict[str, Dict[str, float]]) -> None:
         print(format_row(name, metrics))
 
 
+def learning_rate(args: argparse.Namespace, step: int, total_steps: int) -> float:
+    """``--lr`` at global ``step`` under ``--lr-schedule`` / ``--warmup-steps`` (a pure function
+    of the step, so a resumed run follows the same schedule)."""
+    if args.warmup_steps > 0 and step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(total_steps - args.warmup_steps, 1)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
     """Train and evaluate one seed; returns the metrics.json payload."""
     os.makedirs(output_dir, exist_ok=True)
     device = resolve_device(args.device)
     seed_everything(seed)
     dataset, data_info = load_data(args, seed)
-    split = leave_last_out(dataset)
+    split = make_split(dataset, args)
     data_info.update(
         users=split.train.num_users,
         items=dataset.num_items,
@@ -215,7 +302,8 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
         mean_length=round(dataset.num_interactions / max(dataset.num_users, 1), 2),
     )
     print(f"data: {data_info['name']}: {split.train.num_users} users, {dataset.num_items} items, "
-          f"{dataset.num_interactions} interactions; leave-last-out split")
+          f"{dataset.num_interactions} interactions; leave-last-out split, evaluated on the "
+          f"{'last' if args.eval_split == 'test' else 'second-to-last (validation)'} item")
     baselines = evaluate_baselines(split, args)
 
     model = build_model(args, dataset.num_items)
@@ -224,12 +312,21 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
         model.place(device)
     train_module = HSTURetrievalTrain(model, temperature=args.temperature)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    kernels = sorted({resolve_kernel(layer.kernel, model.dense_device()).value for layer in model.transducer.stu_module.layers})
-    print(f"model: HSTU retrieval, {sum(p.numel() for p in model.parameters()):,} parameters, "
+    model_name = MODEL_NAMES[args.model]
+    if isinstance(model, HSTURetrieval):
+        kernels = sorted({resolve_kernel(layer.kernel, model.dense_device()).value
+                          for layer in model.transducer.stu_module.layers})
+    else:
+        kernels = ["SDPA"]
+    print(f"model: {model_name} retrieval, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"dense part on {model.dense_device()}, item table on {model.embedding_device()}, kernel {kernels}")
 
     checkpoint_path = os.path.join(output_dir, "checkpoint.pt")
-    start_epoch, history = resume_run(args.resume, checkpoint_path, model, optimizer)
+    fingerprint = data_fingerprint(split.train.item_ids, split.train.timestamps, split.train.offsets, split.test_targets)
+    start_epoch, history = resume_run(
+        args.resume, checkpoint_path, model, optimizer, run_args={**vars(args), "seed": seed},
+        fingerprint=fingerprint, free_args=RESUME_FREE_ARGS, resume_anyway=args.resume_anyway,
+    )
 
     meter = Throughput()
     steps = num_batches(split.train.num_users, args.batch_size)
@@ -242,11 +339,17 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
             total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.no_progress,
         )
         epoch_start = time.perf_counter()
-        for batch in bar:
+        for step, batch in enumerate(bar):
             meter.start()
-            negatives, log_q = sample_negatives(
-                args.negatives, args.num_negatives, dataset.num_items, batch.item_ids, generator
-            )
+            if args.lr_schedule != "constant" or args.warmup_steps > 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, epoch * steps + step, args.epochs * steps)
+            if args.loss == "full":
+                negatives, log_q = None, None
+            else:
+                negatives, log_q = sample_negatives(
+                    args.negatives, args.num_negatives, dataset.num_items, batch.item_ids, generator
+                )
             loss = train_module(batch.item_ids, batch.lengths, batch.timestamps, batch.max_seq_len, negatives, log_q)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -268,15 +371,15 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
         else:
             tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}")
         history.append(record)
-        save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, history, vars(args))
+        save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, history, {**vars(args), "seed": seed}, fingerprint)
 
     evaluated = [h for h in history if "metrics" in h]
     final = evaluated[-1]["metrics"] if evaluated else evaluate(model, split, args)
     print()
-    print_table({"HSTU": final, **baselines})
+    print_table({model_name: final, **baselines})
     best_name = max(baselines, key=lambda n: baselines[n]["HR@10"])
     lift = {k: final[k] / baselines[best_name][k] - 1.0 for k in ("HR@10", "NDCG@10") if baselines[best_name][k] > 0}
-    print(f"relative to {best_name}: " + ", ".join(f"{k} {v:+.1%}" for k, v in lift.items()))
+    print(f"{model_name} relative to {best_name}: " + ", ".join(f"{k} {v:+.1%}" for k, v in lift.items()))
     throughput = meter.summary()
     if throughput["sequences"]:
         print(f"training throughput: {throughput['sequences_per_s']:.1f} sequences/s, "
@@ -287,7 +390,7 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
         "seed": seed,
         "args": {k: v for k, v in vars(args).items()},
         "data": data_info,
-        "model": {"parameters": sum(p.numel() for p in model.parameters()), "kernel": kernels},
+        "model": {"name": model_name, "parameters": sum(p.numel() for p in model.parameters()), "kernel": kernels},
         "baselines": baselines,
         "final": final,
         "relative_to_best_baseline": {"baseline": best_name, **lift},
@@ -299,38 +402,61 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
         plot_history(
             os.path.join(output_dir, "training_curves.png"), evaluated, ("HR@10", "NDCG@10", "HR@50", "MRR"),
             baselines={"popular": baselines["most-popular"], "markov": baselines["markov-1st-order"]},
-            title=f"HSTU retrieval on {data_info['name']} (seed {seed})",
+            title=f"{model_name} retrieval on {data_info['name']} (seed {seed}, {args.eval_split} split)",
+            model_name=model_name,
         )
     print(f"wrote {output_dir}/metrics.json, training_curves.png, checkpoint.pt")
     return payload
 
 
 def summarize_seeds(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Mean and spread over seeds of HSTU and the baselines, and HSTU's lift."""
+    """Mean and spread over seeds of each model and the baselines, and each model's lift.
+
+    Args:
+        runs: ``run`` payloads, one per (seed, model); the baselines are those of the first
+            model's runs (every model of a seed sees the same split).
+    """
+    names = list(dict.fromkeys(r["model"]["name"] for r in runs))
+    by_model = {name: [r for r in runs if r["model"]["name"] == name] for name in names}
+    reference = by_model[names[0]]
     rows: Dict[str, Dict[str, Dict[str, float]]] = {}
-    names = ["HSTU"] + list(runs[0]["baselines"])
     for name in names:
-        per_seed = [r["final"] if name == "HSTU" else r["baselines"][name] for r in runs]
-        rows[name] = {k: mean_std([m[k] for m in per_seed]) for k in METRIC_KEYS}
-    lifts = {}
-    for key in ("HR@10", "NDCG@10"):
-        best = [max(r["baselines"][n][key] for n in r["baselines"]) for r in runs]
-        per_seed = [r["final"][key] / b - 1.0 for r, b in zip(runs, best)]
-        mean_best = sum(best) / len(best)
-        lifts[key] = {"per_seed": per_seed, "of_means": rows["HSTU"][key]["mean"] / mean_best - 1.0}
-    return {"seeds": [r["seed"] for r in runs], "rows": rows, "lift_vs_best_baseline": lifts}
+        rows[name] = {k: mean_std([r["final"][k] for r in by_model[name]]) for k in METRIC_KEYS}
+    for baseline in reference[0]["baselines"]:
+        rows[baseline] = {k: mean_std([r["baselines"][baseline][k] for r in reference]) for k in METRIC_KEYS}
+    lifts: Dict[str, Dict[str, Any]] = {}
+    for name in names:
+        for key in ("HR@10", "NDCG@10"):
+            best = [max(r["baselines"][n][key] for n in r["baselines"]) for r in by_model[name]]
+            per_seed = [r["final"][key] / b - 1.0 for r, b in zip(by_model[name], best)]
+            mean_best = sum(best) / len(best)
+            lifts.setdefault(name, {})[key] = {"per_seed": per_seed, "of_means": rows[name][key]["mean"] / mean_best - 1.0}
+    return {
+        "seeds": [r["seed"] for r in reference],
+        "models": names,
+        "rows": rows,
+        "lift_vs_best_baseline": lifts[names[0]],
+        "lift_vs_best_baseline_by_model": lifts,
+    }
 
 
 def summary_markdown(summary: Dict[str, Any], runs: List[Dict[str, Any]]) -> str:
+    """The seeds table as markdown: date, machine, command, git commit, data, rows, lifts."""
     first = runs[0]
+    models = summary["models"]
     lines = [
-        f"# HSTU retrieval vs baselines, {len(runs)} seeds",
+        f"# {' and '.join(models)} retrieval vs baselines, {len(summary['seeds'])} seeds",
         "",
         f"- date: {first['run']['date']}",
         f"- device: {first['run']['device']}",
         f"- command: `{first['run']['command']}`",
+        f"- git commit: {first['run'].get('git_commit') or '(unknown)'}",
         f"- data: {first['data']['name']} ({first['data']['users']} users, {first['data']['items']} items, "
-        f"{first['data']['interactions']} interactions per seed); the seed sets the data, the model init and the order",
+        f"{first['data']['interactions']} interactions per seed); evaluated on each user's "
+        f"{'last' if first['args'].get('eval_split', 'test') == 'test' else 'second-to-last (validation)'} item "
+        "against the full catalogue; "
+        + ("the seed sets the data, the model init and the order" if first["data"]["name"] == "synthetic-rings"
+           else "the seed sets the model init, the order and the negatives"),
         "",
         "Mean ± std over seeds " + ", ".join(str(s) for s in summary["seeds"]) + " (min–max in brackets):",
         "",
@@ -341,29 +467,75 @@ def summary_markdown(summary: Dict[str, Any], runs: List[Dict[str, Any]]) -> str
         cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f} [{row[k]['min']:.4f}–{row[k]['max']:.4f}]" for k in METRIC_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    for key, lift in summary["lift_vs_best_baseline"].items():
-        per_seed = ", ".join(f"{v:+.1%}" for v in lift["per_seed"])
-        lines.append(f"- HSTU {key} vs the better baseline: {lift['of_means']:+.1%} (of means; per seed {per_seed})")
-    seconds = [r["throughput"]["seconds"] for r in runs]
-    tps = [r["throughput"]["tokens_per_s"] for r in runs]
-    lines.append(f"- training time per seed: {', '.join(f'{s:.0f} s' for s in seconds)}; "
-                 f"throughput {', '.join(f'{t:.0f}' for t in tps)} tokens/s")
+    for name, by_key in summary["lift_vs_best_baseline_by_model"].items():
+        for key, lift in by_key.items():
+            per_seed = ", ".join(f"{v:+.1%}" for v in lift["per_seed"])
+            lines.append(f"- {name} {key} vs the better baseline: {lift['of_means']:+.1%} (of means; per seed {per_seed})")
+    if len(models) > 1:
+        first_name, rows = models[0], summary["rows"]
+        for other in models[1:]:
+            ratios = ", ".join(f"{k} {rows[first_name][k]['mean'] / rows[other][k]['mean'] - 1.0:+.1%}"
+                               for k in ("HR@10", "NDCG@10") if rows[other][k]["mean"] > 0)
+            lines.append(f"- {first_name} vs {other} (of means): {ratios}")
+    for name in models:
+        mine = [r for r in runs if r["model"]["name"] == name]
+        seconds = [r["throughput"]["seconds"] for r in mine]
+        tps = [r["throughput"]["tokens_per_s"] for r in mine]
+        lines.append(f"- {name} training time per seed: {', '.join(f'{s:.0f} s' for s in seconds)}; "
+                     f"throughput {', '.join(f'{t:.0f}' for t in tps)} tokens/s")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def model_args(argv: Optional[Sequence[str]], model: str, recipe: Optional[str]) -> argparse.Namespace:
+    """The arguments of one ``--model`` entry: the recipe's values for that model as defaults,
+    the command line on top."""
+    parser = build_parser()
+    if recipe:
+        parser.set_defaults(**RECIPES[recipe][model])
+    args = parser.parse_args(argv)
+    args.model = model
+    return args
+
+
+def parse_models(text: str) -> List[str]:
+    models = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if not models or unknown:
+        raise UserError(f"--model must be one or more of {', '.join(MODEL_NAMES)} separated by commas; got {text!r}")
+    if len(set(models)) != len(models):
+        raise UserError(f"--model lists a model twice: {text!r}")
+    return models
+
+
+def parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers such as 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise UserError(f"--seeds must list at least one integer; got {text!r}")
+    return seeds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.seeds is None:
-        return run(args, args.seed, args.output_dir)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    models = parse_models(args.model)
+    per_model = {m: model_args(argv, m, args.recipe) for m in models}
+    if args.seeds is None and len(models) == 1:
+        return run(per_model[models[0]], args.seed, args.output_dir)
+    seeds = [args.seed] if args.seeds is None else parse_seeds(args.seeds)
     if args.resume:
-        raise SystemExit("--resume works on a single run; not with --seeds")
+        raise UserError("--resume works on a single run of one model; not with --seeds or several --model")
     runs = []
     for seed in seeds:
-        print(f"\n=== seed {seed} ===")
-        runs.append(run(args, seed, os.path.join(args.output_dir, f"seed{seed}")))
+        for m in models:
+            print(f"\n=== seed {seed}, {MODEL_NAMES[m]} ===")
+            output_dir = os.path.join(args.output_dir, f"seed{seed}")
+            if len(models) > 1:
+                output_dir = os.path.join(output_dir, m)
+            runs.append(run(per_model[m], seed, output_dir))
     summary = summarize_seeds(runs)
     markdown = summary_markdown(summary, runs)
     print("\n" + markdown)
@@ -373,7 +545,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)
         device = "cuda" if args.device.startswith("cuda") else "cpu"
-        stem = os.path.join(args.results_dir, f"{time.strftime('%Y-%m-%d')}-{device}-retrieval-synthetic-{len(seeds)}seeds")
+        data = "synthetic" if args.data == "synthetic" else args.data
+        split = "" if args.eval_split == "test" else "-valid"
+        stem = os.path.join(args.results_dir, f"{time.strftime('%Y-%m-%d')}-{device}-retrieval-{data}{split}-{len(seeds)}seeds")
         write_json(stem + ".json", {"summary": summary, "runs": runs})
         with open(stem + ".md", "w") as f:
             f.write(markdown)
@@ -381,5 +555,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return {"summary": summary, "runs": runs}
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``main`` for the command line: status 0 after a run (see :func:`torchrec_hstu.cli.run_cli`)."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(cli)

