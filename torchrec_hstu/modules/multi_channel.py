@@ -158,6 +158,18 @@ class MultiChannelHSTU(nn.Module):
             )
         return inputs[key]
 
+    def _history(
+        self, seq_embeddings: Dict[str, JaggedTensor], name: str, num_candidates: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(values, lengths)`` of channel ``name``'s history; ``B`` lengths like the candidates'."""
+        hist_values, hist_lengths = jagged_values_lengths(self._get(seq_embeddings, name, "seq_embeddings", name))
+        if hist_lengths.shape != num_candidates.shape:
+            raise ValueError(
+                f"seq_embeddings[{name!r}] has {hist_lengths.numel()} sequences but "
+                f"seq_embeddings[{self.candidate_feature_name!r}] has {num_candidates.numel()}; both must have B lengths"
+            )
+        return hist_values, hist_lengths
+
     def check_batch_sync(self, seq_embeddings: Dict[str, JaggedTensor]) -> Optional[MultiChannelBatchFacts]:
         """The edge check of :meth:`forward`'s inputs: every channel's and the candidates'
         lengths in one host read. None while tracing.
@@ -172,12 +184,7 @@ class MultiChannelHSTU(nn.Module):
         parts = [num_candidates]
         totals = [cand_values.shape[0]]
         for name in self.channel_names:
-            hist_values, hist_lengths = jagged_values_lengths(self._get(seq_embeddings, name, "seq_embeddings", name))
-            if hist_lengths.shape != num_candidates.shape:
-                raise ValueError(
-                    f"seq_embeddings[{name!r}] has {hist_lengths.numel()} sequences but "
-                    f"seq_embeddings[{cand_key!r}] has {num_candidates.numel()}; both must have B lengths"
-                )
+            hist_values, hist_lengths = self._history(seq_embeddings, name, num_candidates)
             parts.append(hist_lengths.to(num_candidates.device))
             totals.append(hist_values.shape[0])
         if is_tracing():
@@ -245,13 +252,7 @@ class MultiChannelHSTU(nn.Module):
             cand_timestamps = jagged_values(seq_timestamps[cand_key])
         outputs: Dict[str, JaggedTensor] = {}
         for name, transducer in zip(self.channel_names, self.channels):
-            history = self._get(seq_embeddings, name, "seq_embeddings", name)
-            hist_values, hist_lengths = jagged_values_lengths(history)
-            if hist_lengths.shape != num_candidates.shape:
-                raise ValueError(
-                    f"seq_embeddings[{name!r}] has {hist_lengths.numel()} sequences but "
-                    f"seq_embeddings[{cand_key!r}] has {num_candidates.numel()}; both must have B lengths"
-                )
+            hist_values, hist_lengths = self._history(seq_embeddings, name, num_candidates)
             hist_offsets = lengths_to_offsets(hist_lengths)
             values = concat_2D_jagged(hist_values, cand_values, hist_offsets, cand_offsets)
             lengths = hist_lengths.to(torch.int64) + num_candidates.to(torch.int64)
