@@ -304,7 +304,7 @@ _INTERPRETER_SCRIPT = """
     from torchrec_hstu.ops.pytorch.delta_attention import (
         fp8_delta_hstu_attention_emulated, pytorch_delta_hstu_attention)
     from torchrec_hstu.ops.triton.delta_attention import fp8_delta_fwd, triton_delta_hstu_attention
-    from torchrec_hstu.ops.triton.hstu_attention import _mask_args
+    from torchrec_hstu.ops.triton.hstu_attention import mask_args_of
 
     torch.manual_seed(0)
     prefixes, deltas = [30, 16, 0, 45], [3, 17, 5, 20]
@@ -328,7 +328,7 @@ _INTERPRETER_SCRIPT = """
             errors[name] = float((got - want).abs().max() / want.abs().max())
         for mode in range(6):
             opts = AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1)
-            mask = _mask_args(True, 0, 1, 0, 0, 0, True)
+            mask = mask_args_of(AttentionOptions(contextual_seq_len=1), True)
             got = fp8_delta_fwd(dq, k, v, off, doff, nt, 70, 20, 0.3, 70, mask, mode)
             want = fp8_delta_hstu_attention_emulated(dq, k, v, off, doff, 70, 0.3, opts, nt)
             errors[f"fp8_mode{mode}"] = float((got - want).abs().max() / want.abs().max())

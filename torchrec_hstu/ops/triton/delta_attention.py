@@ -44,7 +44,7 @@ from torchrec_hstu.ops.triton.hstu_attention import (
     _fwd_query_block,
     _input_precision,
     _last_dim_contiguous,
-    _mask_args,
+    mask_args_of,
     _MaskArgs,
     _seq_class,
     check_triton_inputs,
@@ -313,9 +313,7 @@ def triton_delta_hstu_attention(
     else:
         lengths = delta_offsets[1:] - delta_offsets[:-1]
         max_delta_len = int(lengths.max()) if lengths.numel() > 0 else 0
-    mask = _mask_args(options.causal, options.max_attn_len, options.contextual_seq_len,
-                      options.min_full_attn_seq_len, options.sla_k1, options.sla_k2,
-                      num_targets is not None)
+    mask = mask_args_of(options, num_targets is not None)
     scaling_seqlen = options.resolve_scaling_seqlen(int(max_seq_len))
     if options.use_fp8:
         from torchrec_hstu.ops.fp8.arch import check_fp8_support

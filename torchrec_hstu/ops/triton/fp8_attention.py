@@ -26,6 +26,7 @@ Hopper's fp8 wgmma reads K-major operands, so the tensors on the "token" side of
 Symbols: ``B`` batch, ``L`` tokens, ``H`` heads, ``Dqk``/``Dv`` head dims.
 """
 
+import dataclasses
 import logging
 from typing import Optional, Tuple
 
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from torchrec_hstu.ops.common import AttentionOptions
+from torchrec_hstu.ops.custom_ops import define_attention_op, register_attention_autograd
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
     fwd_tile_ranges,
@@ -46,16 +48,17 @@ from torchrec_hstu.ops.triton._common import (
     valid_mask,
 )
 from torchrec_hstu.ops.triton.hstu_attention import (
+    ATTENTION_TENSORS,
+    GRADIENTS,
     KernelConfig,
     _backward_runner,
     _block_dim,
     _grad_buffers,
-    _mask_args,
     _MaskArgs,
     _seq_class,
     check_triton_inputs,
     choose_config,
-    register_attention_autograd,
+    mask_args_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -397,11 +400,15 @@ def _fp8_bwd_tile(
     offs_m, offs_n, offs_dqk, offs_dv,
     stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
     stride_dodcm, stride_dodcd, stride_dqm,
-    n, T, c, W, M, sla_k1, K2, alpha,
+    n, tn, T, c, W, M, sla_k1, K2, alpha,
     DQK: tl.constexpr, DV: tl.constexpr, QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
     MASKED: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
     INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
 ):
+    """One query tile ``[m0, m0 + BLOCK_M)`` of the FP8 backward. ``tn``: the bound of the token
+    columns read from the transposed ``qct`` / ``doct`` (``n`` rounded up to 16 for the aligned
+    layout, see :func:`_transposed_aligned`)."""
+    m0 = tl.multiple_of(m0, 16)
     rows = m0 + offs_m
     row_in = rows < n
     q = tl.load(q_ptrs + m0 * stride_qm, mask=row_in[:, None] & (offs_dqk[None, :] < DQK),
@@ -418,7 +425,8 @@ def _fp8_bwd_tile(
         pT = tl.where(valid, pT, 0.0)
     if COMPUTE_DV:
         p8T, p_scale = _tile_quant(pT, QUANT_MODE, INTERPRET)
-        doct = tl.load(doct_ptrs + m0, mask=(offs_dv[:, None] < DV) & row_in[None, :], other=0.0)
+        doct = tl.load(doct_ptrs + m0, mask=(offs_dv[:, None] < DV) & (rows < tn)[None, :],
+                       other=0.0)
         pdo = tl.dot(p8T, tl.trans(doct), max_num_imprecise_acc=MAX_IMPRECISE)
         if QUANT_MODE == 0:
             dv += pdo
@@ -437,7 +445,8 @@ def _fp8_bwd_tile(
         if MASKED:
             dsT = tl.where(valid, dsT, 0.0)
         ds8T, ds_scale = _tile_quant(dsT, QUANT_MODE, INTERPRET)
-        qct = tl.load(qct_ptrs + m0, mask=(offs_dqk[:, None] < DQK) & row_in[None, :], other=0.0)
+        qct = tl.load(qct_ptrs + m0, mask=(offs_dqk[:, None] < DQK) & (rows < tn)[None, :],
+                      other=0.0)
         dsq = tl.dot(ds8T, tl.trans(qct), max_num_imprecise_acc=MAX_IMPRECISE)
         dq = tl.dot(tl.trans(ds8T), tl.trans(kct), max_num_imprecise_acc=MAX_IMPRECISE)
         if QUANT_MODE == 0:
@@ -469,8 +478,10 @@ def _fp8_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
     COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, INTERPRET: tl.constexpr,
-    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr, T_ALIGNED: tl.constexpr = False,
 ):
+    """FP8 backward, one program per (key block, sequence, head). ``T_ALIGNED``: ``QCT``,
+    ``KCT``, ``DOCT`` are in :func:`_transposed_aligned`'s layout (else :func:`_transposed`'s)."""
     pid_bh = tl.program_id(0)
     n_block = tl.program_id(1)
     b = pid_bh // H
@@ -485,6 +496,12 @@ def _fp8_bwd_kernel(
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_in = offs_n < n
+    if T_ALIGNED:
+        tstart = _vt_start(start, b)
+        tn = (n + 15) // 16 * 16
+    else:
+        tstart = start
+        tn = n
     k = tl.load(K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km
                 + offs_dqk[None, :], mask=col_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
     kd = tl.load(KD + start * stride_kdm + h * stride_kdh + offs_n * stride_kdm, mask=col_in,
@@ -495,8 +512,8 @@ def _fp8_bwd_kernel(
                     other=0.0)
         vd = tl.load(VD + start * stride_vdm + h * stride_vdh + offs_n * stride_vdm, mask=col_in,
                      other=1.0)
-        kct = tl.load(KCT + h * stride_kcth + start + offs_dqk[:, None] * stride_kctd
-                      + offs_n[None, :], mask=(offs_dqk[:, None] < DQK) & col_in[None, :],
+        kct = tl.load(KCT + h * stride_kcth + tstart + offs_dqk[:, None] * stride_kctd
+                      + offs_n[None, :], mask=(offs_dqk[:, None] < DQK) & (offs_n < tn)[None, :],
                       other=0.0)
         kdc = tl.load(KDC + (start + n0) * stride_kdcm + h * stride_kdch + offs_dqk * stride_kdcd,
                       mask=offs_dqk < DQK, other=1.0)
@@ -515,9 +532,9 @@ def _fp8_bwd_kernel(
     qd_ptrs = QD + start * stride_qdm + h * stride_qdh + offs_m * stride_qdm
     do_ptrs = DO + start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
     dod_ptrs = DOD + start * stride_dodm + h * stride_dodh + offs_m * stride_dodm
-    qct_ptrs = QCT + h * stride_qcth + start + offs_dqk[:, None] * stride_qctd + offs_m[None, :]
+    qct_ptrs = QCT + h * stride_qcth + tstart + offs_dqk[:, None] * stride_qctd + offs_m[None, :]
     qdc_ptrs = QDC + start * stride_qdcm + h * stride_qdch
-    doct_ptrs = DOCT + h * stride_docth + start + offs_dv[:, None] * stride_doctd + offs_m[None, :]
+    doct_ptrs = DOCT + h * stride_docth + tstart + offs_dv[:, None] * stride_doctd + offs_m[None, :]
     dodc_ptrs = DODC + start * stride_dodcm + h * stride_dodch
     dq_ptrs = DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :]
     ta0, ta1, tb0, ti0, ti1, tb1 = bwd_tile_ranges(
@@ -529,7 +546,7 @@ def _fp8_bwd_kernel(
                 dk, dv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
                 qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
                 stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
-                stride_dodcm, stride_dodcd, stride_dqm, n, T, c, W, M, sla_k1, K2, alpha,
+                stride_dodcm, stride_dodcd, stride_dqm, n, tn, T, c, W, M, sla_k1, K2, alpha,
                 DQK, DV_DIM, QUANT_MODE, MASK_MODE, SEGMENT != 2, COMPUTE_DV, COMPUTE_DKDQ,
                 INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S)
     if COMPUTE_DKDQ:
@@ -568,16 +585,31 @@ def _vec_strides(token_descale: torch.Tensor) -> Tuple[int, int, int]:
     return token_descale.stride(0), token_descale.stride(1), d_stride
 
 
+@dataclasses.dataclass(frozen=True)
+class FP8KernelConfig(KernelConfig):
+    """:class:`KernelConfig` plus a register cap per thread (``maxnreg``; None: ptxas's
+    choice). Capping the FP8 forward at 168 registers lets three 4-warp programs share an SM."""
+
+    maxnreg: Optional[int] = None
+
+
+def _launch_extras(cfg: KernelConfig) -> dict:
+    maxnreg = getattr(cfg, "maxnreg", None)
+    return {} if maxnreg is None or interpret_mode() else dict(maxnreg=maxnreg)
+
+
 def fp8_fwd_candidates(dqk: int, dv: int, fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION) -> list:
     """Forward configs (``block_n`` is fixed by the FP8 definition and ignored here)."""
     if interpret_mode():
         return [KernelConfig(32, 0, 4, 1)]
     if max(dqk, dv) <= 128:
         if fp8_accumulation == "fast":
-            # fp8 wgmma: one warpgroup per 64 query rows.
-            return [KernelConfig(128, 0, 8, 2), KernelConfig(64, 0, 4, 3), KernelConfig(128, 0, 8, 3)]
-        # Measured on H100 (2026-11-25, N=2048/4096): 64/4/3 beat 128/8/{2,3} for D <= 128.
-        return [KernelConfig(64, 0, 4, 3)]
+            # fp8 wgmma: one warpgroup per 64 query rows. H200 (2026-12-02, B=16, N=4096 /
+            # 8192, modes 2 and 5): 64/4/3 and 128/8/3 the fastest (0.51-0.53 ms at N=4096).
+            return [KernelConfig(64, 0, 4, 3), KernelConfig(128, 0, 8, 3),
+                    FP8KernelConfig(64, 0, 4, 2, maxnreg=168)]
+        # Exact products on 16-bit wgmma (fp16 upcast): 64/4/3 spills, 128/8/2 does not.
+        return [KernelConfig(128, 0, 8, 2)]
     # 128/8/2 beat 64/4/2 and 128/8/1 for D = 256 (H100, 2026-11-25).
     return [KernelConfig(128, 0, 8, 2)]
 
@@ -681,6 +713,7 @@ def fp8_fwd_kernel(
             SCALAR_KVD=mode >= 2,
             RESCALE=mode >= 2 and fp8_accumulation == "fast")
         flags.update(_FWD_OVERRIDES)
+        flags.update(_launch_extras(cfg))
         _fp8_fwd_kernel[grid](
             q8, q_q.token_descale, k8, k_q.token_descale, vt, v_q.token_descale, out, seq_offsets,
             num_targets if num_targets is not None else seq_offsets,
@@ -779,7 +812,8 @@ def fp8_bwd(
     do_r, do_c = quant(dout, bm)
     k_r, k_c = quant(k, bn)
     v_r = quantize_for_mode(v, seq_offsets, mode, bn, chunk=chunk)
-    qct, kct, doct = _transposed(q_c.values), _transposed(k_c.values), _transposed(do_c.values)
+    qct, kct, doct = (_transposed_aligned(x.values, seq_offsets, max_seq_len)
+                      for x in (q_c, k_c, do_c))
     q8, k8, v8, do8 = q_r.values, k_r.values, v_r.values, do_r.values
     block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv_dim)
     scale = 1.0 / scaling_seqlen
@@ -808,7 +842,7 @@ def fp8_bwd(
             QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
             COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq, INTERPRET=interpret_mode(),
             MAX_IMPRECISE=_max_imprecise(False, fp8_accumulation),
-            MAX_IMPRECISE_S=_max_imprecise(True, fp8_accumulation),
+            MAX_IMPRECISE_S=_max_imprecise(True, fp8_accumulation), T_ALIGNED=True,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -827,73 +861,38 @@ def fp8_bwd(
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("torchrec_hstu::triton_hstu_fp8_attention_fwd", mutates_args=())
-def triton_hstu_fp8_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor],
-    max_seq_len: int,
-    alpha: float,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
-    scaling_seqlen: int,
-    fp8_quant_mode: int,
-    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
-) -> torch.Tensor:
-    """FP8 forward op (quantization included): ``out [L, H, Dv]`` in the dtype of ``q``."""
-    mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
-                      sla_k2, num_targets is not None)
-    return fp8_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen, mask,
-                   fp8_quant_mode, fp8_accumulation=fp8_accumulation)
+def _fp8_fwd_impl(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
+    """FP8 forward (quantization included): ``out [L, H, Dv]`` in the dtype of ``q``."""
+    mask = mask_args_of(options, num_targets is not None)
+    return fp8_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
+                   options.resolve_scaling_seqlen(max_seq_len), mask, options.fp8_quant_mode,
+                   fp8_accumulation=fp8_accumulation)
 
 
-@triton_hstu_fp8_attention_fwd.register_fake
-def _(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
-      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode,
-      fp8_accumulation=DEFAULT_FP8_ACCUMULATION):
+def _fp8_fwd_fake(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
-@torch.library.custom_op("torchrec_hstu::triton_hstu_fp8_attention_bwd", mutates_args=())
-def triton_hstu_fp8_attention_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor],
-    max_seq_len: int,
-    alpha: float,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
-    scaling_seqlen: int,
-    fp8_quant_mode: int,
-    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FP8 backward op: ``(dq, dk, dv)`` in the dtype of ``q``."""
-    mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
-                      sla_k2, num_targets is not None)
-    return fp8_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen,
-                   mask, fp8_quant_mode, fp8_accumulation=fp8_accumulation)
+def _fp8_bwd_impl(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
+    """FP8 backward: ``(dq, dk, dv)`` in the dtype of ``q``."""
+    mask = mask_args_of(options, num_targets is not None)
+    return fp8_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
+                   options.resolve_scaling_seqlen(max_seq_len), mask, options.fp8_quant_mode,
+                   fp8_accumulation=fp8_accumulation)
 
 
-@triton_hstu_fp8_attention_bwd.register_fake
-def _(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
-      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen, fp8_quant_mode,
-      fp8_accumulation=DEFAULT_FP8_ACCUMULATION):
+def _fp8_bwd_fake(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+triton_hstu_fp8_attention_fwd = define_attention_op(
+    "torchrec_hstu::triton_hstu_fp8_attention_fwd", ATTENTION_TENSORS, _fp8_fwd_impl, _fp8_fwd_fake,
+    trailing=("str fp8_accumulation",), module=__name__,
+)
+triton_hstu_fp8_attention_bwd = define_attention_op(
+    "torchrec_hstu::triton_hstu_fp8_attention_bwd", ("Tensor dout",) + ATTENTION_TENSORS, _fp8_bwd_impl,
+    _fp8_bwd_fake, trailing=("str fp8_accumulation",), returns=GRADIENTS, module=__name__,
+)
 register_attention_autograd(triton_hstu_fp8_attention_fwd, triton_hstu_fp8_attention_bwd)
 
 
@@ -956,8 +955,5 @@ def triton_fp8_hstu_attention(
     check_fp8_accumulation(fp8_accumulation)
     check_triton_inputs(q, k, v)
     return triton_hstu_fp8_attention_fwd(
-        q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options.causal,
-        options.max_attn_len, options.contextual_seq_len, options.min_full_attn_seq_len,
-        options.sla_k1, options.sla_k2, options.resolve_scaling_seqlen(max_seq_len),
-        options.fp8_quant_mode, fp8_accumulation,
+        q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options, fp8_accumulation
     )

@@ -16,9 +16,9 @@ registers over the query tiles that can see the block and adds its share of ``dQ
 atomics. HSTU has no softmax, so no row statistics are saved: only ``q, k, v`` (and the output
 gradient) are read again.
 
-The ops are ``torch.library.custom_op``s (``torchrec_hstu::triton_hstu_attention_fwd`` /
-``_bwd``) with fake implementations and autograd, so ``torch.compile`` and ``torch.export``
-see one opaque op per direction.
+The ops (``torchrec_hstu::triton_hstu_attention_fwd`` / ``_bwd``) come from the shared
+factory :func:`~torchrec_hstu.ops.custom_ops.define_attention_op`, with fake implementations
+and autograd, so ``torch.compile`` and ``torch.export`` see one opaque op per direction.
 """
 
 import logging
@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from torchrec_hstu.ops.common import AttentionOptions
+from torchrec_hstu.ops.custom_ops import define_attention_op, register_attention_autograd
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
     fwd_tile_ranges,
@@ -393,25 +394,18 @@ class _MaskArgs:
     k2: int
 
 
-def _mask_args(
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
-    has_targets: bool,
-) -> _MaskArgs:
-    use_sla = sla_k1 > 0 or sla_k2 > 0
-    mode = mask_mode(causal, use_sla, has_targets, contextual_seq_len, max_attn_len)
+def mask_args_of(options: AttentionOptions, has_targets: bool) -> _MaskArgs:
+    """The kernels' mask arguments of ``options``."""
+    mode = mask_mode(options.causal, options.use_sla, has_targets, options.contextual_seq_len,
+                     options.max_attn_len)
     return _MaskArgs(
         mode=mode,
         has_targets=has_targets,
-        c=contextual_seq_len,
-        w=max_attn_len,
-        m=min_full_attn_seq_len if max_attn_len > 0 else 0,
-        sla_k1=sla_k1,
-        k2=max(sla_k2, contextual_seq_len),
+        c=options.contextual_seq_len,
+        w=options.max_attn_len,
+        m=options.min_full_attn_seq_len if options.max_attn_len > 0 else 0,
+        sla_k1=options.sla_k1,
+        k2=max(options.sla_k2, options.contextual_seq_len),
     )
 
 
@@ -560,82 +554,40 @@ def hstu_bwd(
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("torchrec_hstu::triton_hstu_attention_fwd", mutates_args=())
-def triton_hstu_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor],
-    max_seq_len: int,
-    alpha: float,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
-    scaling_seqlen: int,
-) -> torch.Tensor:
-    """Forward op: ``out [L, H, Dv]`` (see :func:`triton_hstu_attention`)."""
-    mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
-                      sla_k2, num_targets is not None)
-    return hstu_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen, mask)
+#: Leading tensor arguments of the forward ops (the backward ops take ``dout`` first).
+ATTENTION_TENSORS = ("Tensor q", "Tensor k", "Tensor v", "Tensor seq_offsets", "Tensor? num_targets")
+GRADIENTS = "(Tensor, Tensor, Tensor)"
 
 
-@triton_hstu_attention_fwd.register_fake
-def _(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
-      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen):
+def _fwd_impl(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
+    mask = mask_args_of(options, num_targets is not None)
+    return hstu_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
+                    options.resolve_scaling_seqlen(max_seq_len), mask)
+
+
+def _fwd_fake(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
-@torch.library.custom_op("torchrec_hstu::triton_hstu_attention_bwd", mutates_args=())
-def triton_hstu_attention_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor],
-    max_seq_len: int,
-    alpha: float,
-    causal: bool,
-    max_attn_len: int,
-    contextual_seq_len: int,
-    min_full_attn_seq_len: int,
-    sla_k1: int,
-    sla_k2: int,
-    scaling_seqlen: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward op: ``(dq [L, H, Dqk], dk [L, H, Dqk], dv [L, H, Dv])``."""
-    mask = _mask_args(causal, max_attn_len, contextual_seq_len, min_full_attn_seq_len, sla_k1,
-                      sla_k2, num_targets is not None)
-    return hstu_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen,
-                    mask)
+def _bwd_impl(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
+    mask = mask_args_of(options, num_targets is not None)
+    return hstu_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
+                    options.resolve_scaling_seqlen(max_seq_len), mask)
 
 
-@triton_hstu_attention_bwd.register_fake
-def _(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, causal, max_attn_len,
-      contextual_seq_len, min_full_attn_seq_len, sla_k1, sla_k2, scaling_seqlen):
+def _bwd_fake(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def register_attention_autograd(fwd_op, bwd_op) -> None:
-    """Autograd for an attention forward op ``fwd_op(q, k, v, seq_offsets, num_targets,
-    *options)`` by its backward op ``bwd_op(dout, q, k, v, seq_offsets, num_targets, *options)
-    -> (dq, dk, dv)``; the options (ints, floats, bools, strings) get no gradient."""
-
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[:5])
-        ctx.options = inputs[5:]
-
-    def backward(ctx, dout):
-        dq, dk, dv = bwd_op(dout, *ctx.saved_tensors, *ctx.options)
-        return (dq, dk, dv) + (None,) * (2 + len(ctx.options))
-
-    fwd_op.register_autograd(backward, setup_context=setup_context)
-
-
+#: Forward op: ``out [L, H, Dv]`` (see :func:`triton_hstu_attention`).
+triton_hstu_attention_fwd = define_attention_op(
+    "torchrec_hstu::triton_hstu_attention_fwd", ATTENTION_TENSORS, _fwd_impl, _fwd_fake, module=__name__
+)
+#: Backward op: ``(dq [L, H, Dqk], dk [L, H, Dqk], dv [L, H, Dv])``.
+triton_hstu_attention_bwd = define_attention_op(
+    "torchrec_hstu::triton_hstu_attention_bwd", ("Tensor dout",) + ATTENTION_TENSORS, _bwd_impl, _bwd_fake,
+    returns=GRADIENTS, module=__name__,
+)
 register_attention_autograd(triton_hstu_attention_fwd, triton_hstu_attention_bwd)
 
 
@@ -699,8 +651,4 @@ def triton_hstu_attention(
             f"{options.fp8_quant_mode} goes to triton_fp8_hstu_attention"
         )
     check_triton_inputs(q, k, v)
-    return triton_hstu_attention_fwd(
-        q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options.causal,
-        options.max_attn_len, options.contextual_seq_len, options.min_full_attn_seq_len,
-        options.sla_k1, options.sla_k2, options.resolve_scaling_seqlen(max_seq_len),
-    )
+    return triton_hstu_attention_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options)
