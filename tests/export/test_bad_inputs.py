@@ -185,13 +185,17 @@ def test_the_shared_package_itself_predicts(package_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["batch"] == 0
 
 
-def test_python_m_entries_and_debug(tmp_path, package_dir):
-    """``python -m torchrec_hstu.export``: one line and status 2; ``--debug``: the traceback."""
+def test_python_m_export_is_one_line_and_debug_shows_the_traceback(tmp_path, package_dir, capsys, monkeypatch):
+    """``python -m torchrec_hstu.export`` in a new process: one line and status 2; ``--debug``
+    (here in this process, same entry): the traceback instead."""
     argv = _cuda_float32(tmp_path, package_dir)
     plain = run_module("torchrec_hstu.export", argv)
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1, plain.stderr
-    debug = run_module("torchrec_hstu.export", argv + ["--debug"])
-    assert debug.returncode == 2 and "Traceback" in debug.stderr and "--mixed-precision" in debug.stderr
+    assert plain.stderr.startswith("error: ") and "--mixed-precision" in plain.stderr
+    monkeypatch.delenv("TORCHREC_HSTU_DEBUG", raising=False)
+    assert cli_status(export.main, argv + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "--mixed-precision" in err
 
 
 def test_cuda_float32_is_refused_before_tracing():

@@ -37,11 +37,14 @@ def test_graph_holds_one_opaque_op_per_attention_call(exported):
     program, signature, model, _ = exported
     nodes = fp8_attention_nodes(program)
     assert len(nodes) == len(MODES)
-    # Argument 8 of torchrec_hstu::hstu_fp8_fwd is fp8_quant_mode; channels are traced in order.
-    assert [node.args[8] for node in nodes] == MODES
+    # Arguments by their schema names (the options codec sets their positions); channels are
+    # traced in order.
+    names = [argument.name for argument in nodes[0].target._schema.arguments]
+    mode_index, max_len_index = names.index("fp8_quant_mode"), names.index("max_seq_len")
+    assert [node.args[mode_index] for node in nodes] == MODES
     assert signature.fp8_quant_modes == {f"mode{m}": [m] for m in MODES}
-    # max_seq_len (argument 5) is a traced size, not a constant baked in at export.
-    assert all(isinstance(node.args[5], torch.fx.Node) for node in nodes)
+    # max_seq_len is a traced size, not a constant baked in at export.
+    assert all(isinstance(node.args[max_len_index], torch.fx.Node) for node in nodes)
     # No quantizer internals: no float8 tensor anywhere in the graph, and the only non-aten
     # op is the opaque FP8 op.
     for node in program.graph.nodes:
@@ -54,8 +57,10 @@ def test_graph_holds_one_opaque_op_per_attention_call(exported):
 
 def test_dynamic_dims_keep_their_bounds(exported):
     """No guard narrowed the dims: B ranges over [1, MAX_BATCH], histories may be empty."""
-    program, _, _, _ = exported
-    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    program, signature, _, _ = exported
+    user_inputs = [node for node in program.graph.nodes if node.op == "placeholder"
+                   and node.name in program.graph_signature.user_inputs]
+    placeholders = dict(zip(signature.input_names, user_inputs))
     ranges = program.range_constraints
     batch = placeholders["num_targets"].meta["val"].shape[0].node.expr
     history = placeholders["history_ids"].meta["val"].shape[0].node.expr

@@ -40,8 +40,8 @@ PyTorch reference kernel pads to the batch maximum (not to the bound), and
 FP8: every STU layer with ``fp8_quant_mode`` in 0..5 becomes one
 ``torchrec_hstu::hstu_fp8_fwd`` node; the package runs it on CPU through the exact emulation
 and on CUDA through CUTLASS / Triton. Loading such a package needs the op library imported:
-each op module records itself when it registers (:mod:`torchrec_hstu.ops.op_registry`), the
-signature lists those modules and :mod:`torchrec_hstu.predict` imports them.
+each op module records itself when it registers (``torchrec_hstu.ops.custom_ops.OP_MODULES``),
+the signature lists those modules and :mod:`torchrec_hstu.predict` imports them.
 
 Example::
 

@@ -139,20 +139,22 @@ def fp8_attention_nodes(program: "torch.export.ExportedProgram") -> List[torch.f
 def custom_op_modules(program: "torch.export.ExportedProgram") -> List[str]:
     """Modules to import before loading ``program``: those that registered its custom ops.
 
-    Each op module records itself as it registers (:mod:`torchrec_hstu.ops.op_registry`).
+    Each op module records itself as it registers the op
+    (:data:`torchrec_hstu.ops.custom_ops.OP_MODULES`, filled by ``define_attention_op``).
 
     Raises:
         RuntimeError: an op of this package whose module did not record itself.
     """
-    from torchrec_hstu.ops.op_registry import op_module
+    from torchrec_hstu.ops.custom_ops import OP_MODULES
 
     modules = set()
     for qualname in sorted(set(_custom_op_names(program))):
-        module = op_module(qualname)
+        module = OP_MODULES.get(qualname)
         if module is None:
             raise RuntimeError(
-                f"the exported program calls {qualname}, but no module recorded registering it: the module "
-                f"that defines it must call torchrec_hstu.ops.op_registry.record_op_module({qualname!r}, __name__)"
+                f"the exported program calls {qualname}, but no module recorded registering it in "
+                "torchrec_hstu.ops.custom_ops.OP_MODULES (define the op with define_attention_op(..., "
+                "module=__name__) or record it there)"
             )
         modules.add(module)
     return sorted(modules)
