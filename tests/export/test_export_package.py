@@ -178,8 +178,8 @@ def test_bad_inputs_are_refused_with_clear_errors(package, tmp_path, capsys):
 
 def test_fresh_process_loads_without_model_code_and_exits_nonzero(package, tmp_path):
     """``python -m torchrec_hstu.predict`` in a new process: the package loads with no model
-    code and no torchrec (only the op library the signature names); a bad batch gives a clear
-    error and exit status 2."""
+    code, no torchrec and not the exporter (only the signature module and the op library the
+    signature names); a bad batch gives a clear error and exit status 2."""
     out, _ = package
     bad = to_lists(ranking_batch([[2, 0], [1, 5]], [1, 3], NUM_ITEMS, seed=30))
     bad["history_lengths"] = [2, 2, 1, 5]
@@ -188,7 +188,8 @@ def test_fresh_process_loads_without_model_code_and_exits_nonzero(package, tmp_p
         "import sys, runpy; sys.argv = ['predict', '--package', sys.argv[1], '--input', sys.argv[2]]\n"
         "try:\n    runpy.run_module('torchrec_hstu.predict', run_name='__main__')\n"
         "finally:\n"
-        "    loaded = sorted(m for m in sys.modules if m.startswith(('torchrec_hstu.models', 'torchrec.')))\n"
+        "    loaded = sorted(m for m in sys.modules if m.startswith(('torchrec_hstu.models', 'torchrec.',\n"
+        "                    'torchrec_hstu.export.exporter', 'torchrec_hstu.export.specs')))\n"
         "    print('PACKAGE LOADED' if 'torch._inductor.package' in sys.modules else 'NOT LOADED', file=sys.stderr)\n"
         "    print('MODULES', loaded, file=sys.stderr)\n"
     )
