@@ -225,6 +225,11 @@ def _warps(elements: int) -> int:
     return 4 if elements <= 8192 else 8
 
 
+#: Benchmark-only launch overrides (``seq_warps``, ``rows_warps``, ``rows``: rows per program of
+#: the row kernels); empty in normal use. Outputs do not depend on them.
+_TUNING: dict = {}
+
+
 def triton_quantize_for_mode(
     x: torch.Tensor,
     seq_offsets: torch.Tensor,
@@ -274,7 +279,8 @@ def triton_quantize_for_mode(
     out = values.view(torch.uint8)
     block_d = triton.next_power_of_2(dim)
     rows = total * heads
-    rows_grid = (triton.cdiv(rows, _ROWS),)
+    block_r = _TUNING.get("rows") or _ROWS
+    rows_grid = (triton.cdiv(rows, block_r),)
     fp32 = dict(dtype=torch.float32, device=device)
 
     def seq_launch(kind: int, tile: int, desc, tok_desc, block_offsets, amax) -> None:
@@ -286,7 +292,7 @@ def triton_quantize_for_mode(
             heads, x.stride(0), x.stride(1), dim,
             BLOCK_D=block_d, BLOCK_T=tile, MODE=kind,
             SATURATE=torch_cast_saturates(device),
-            num_warps=_warps(tile * block_d),
+            num_warps=_TUNING.get("seq_warps") or _warps(tile * block_d),
         )
 
     def rows_launch(kind: int, desc, amax) -> None:
@@ -294,9 +300,9 @@ def triton_quantize_for_mode(
             return
         _rows_kernel[rows_grid](
             x, out, desc, desc, amax, rows, heads, x.stride(0), x.stride(1), dim,
-            BLOCK_D=block_d, BLOCK_R=_ROWS, MODE=kind,
+            BLOCK_D=block_d, BLOCK_R=block_r, MODE=kind,
             SATURATE=torch_cast_saturates(device),
-            num_warps=_warps(_ROWS * block_d),
+            num_warps=_TUNING.get("rows_warps") or _warps(block_r * block_d),
         )
 
     if mode == 0:
