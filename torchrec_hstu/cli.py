@@ -1,4 +1,4 @@
-"""One way for every command-line entry point to end on a user error.
+"""The edge every command shares: one-line user errors, safe reads of user files, whole writes.
 
 A user error (a bad argument, a missing or malformed file, a checkpoint that does not fit the
 model, a request outside what the package accepts) ends the program with exactly one line on
@@ -22,12 +22,24 @@ A script's ``__main__`` block::
 
     if __name__ == "__main__":
         run_cli(main)
+
+Files at the edge (export, predict, the distributed checkpoints):
+
+* :func:`load_torch_file`: ``torch.load(weights_only=True)`` whose every failure is one
+  :class:`UserError` naming the file (truncated, not torch's, holds code: refused, never run).
+* :func:`file_sha256`: the digest that names a package or a checkpoint file.
+* :func:`write_atomic` / :func:`temporary_path`: write through a temporary file in the same
+  folder and a rename, so a reader sees the old content (or none) or all of the new one.
 """
 
 import argparse
+import hashlib
 import os
+import pickle
+import re
 import sys
 import traceback
+import uuid
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple, Type
 
 __all__ = [
@@ -38,7 +50,11 @@ __all__ = [
     "UserError",
     "add_debug_flag",
     "error_line",
+    "file_sha256",
+    "load_torch_file",
     "run_cli",
+    "temporary_path",
+    "write_atomic",
 ]
 
 DEBUG_ENV = "TORCHREC_HSTU_DEBUG"
@@ -135,3 +151,79 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
             print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+# -- files at the edge ----------------------------------------------------------------------
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def temporary_path(final: str, suffix: str = ".tmp") -> str:
+    """A fresh hidden name beside ``final`` (same file system, so a rename onto ``final`` is atomic).
+
+    Args:
+        final: the path the file will be renamed to.
+        suffix: end of the name (e.g. ``".pt2"`` where a writer checks the extension).
+    """
+    directory = os.path.dirname(os.path.abspath(final))
+    return os.path.join(directory, f".{os.path.basename(final)}.{os.getpid()}.{uuid.uuid4().hex[:12]}{suffix}")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Args:
+        path: the destination; a reader sees its old content (or none) or all of ``text``.
+        text: the content (UTF-8).
+    """
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_torch_file(path: str, what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one clear error per failure.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``"checkpoint"``).
+
+    Returns:
+        The loaded object (tensors and plain containers only).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UserError: the file is truncated or not written by ``torch.save``, or it holds code (a
+            pickled global other than tensors and plain containers: refused, never run; the
+            message does not suggest turning ``weights_only`` off).
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        held = f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
+        raise UserError(
+            f"{path}: refused: the {what} holds {held}, and loading it could run code; "
+            f"a {what} for this tool holds tensors and plain values only"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, AttributeError) as err:
+        reason = " ".join(str(err).split(".")[0].split())[:160] or type(err).__name__
+        raise UserError(f"{path}: not a readable torch {what} (truncated, or not written by torch.save): {reason}") from None

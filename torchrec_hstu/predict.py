@@ -49,7 +49,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from torchrec_hstu.cli import UserError, add_debug_flag, run_cli
+from torchrec_hstu.cli import UserError, add_debug_flag, load_torch_file, run_cli
 from torchrec_hstu.export.signature import RANKING, RETRIEVAL, ModelSignature, signature_path_for
 
 __all__ = ["Predictor", "check_batch", "main", "read_batches", "format_output"]
@@ -222,10 +222,7 @@ def read_batches(path: str) -> Iterator[Tuple[str, Any]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from err
     elif extension == ".pt":
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad input file
-            raise ValueError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({err})") from err
+        payload = load_torch_file(path, "request file")
     else:
         raise ValueError(f"{path}: unknown input format {extension!r}; use .jsonl, .json or .pt")
     batches = payload if isinstance(payload, list) else [payload]

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from torchrec_hstu.cli import run_cli
-from torchrec_hstu.distributed.errors import AtomicErrorHandler, record_errors, write_atomic
+from torchrec_hstu.cli import run_cli, write_atomic
+from torchrec_hstu.distributed.errors import AtomicErrorHandler, record_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -105,6 +105,13 @@ def _cuda_float32(tmp_path, package_dir) -> List[str]:
     return _export(tmp_path, str(package_dir / "state.pt"), "--device", "cuda")
 
 
+def _code_in_request_file(tmp_path, package_dir) -> List[str]:
+    argv = _predict(tmp_path, package_dir)
+    batch = {name: torch.tensor(values) for name, values in json.loads(open(argv[-1]).read()).items()}
+    torch.save([batch, _CodeInPickle()], tmp_path / "requests.pt")
+    return argv[:-1] + [str(tmp_path / "requests.pt")]
+
+
 def _flip_middle_byte(data: bytearray) -> bytes:
     data[len(data) // 2] ^= 0xFF
     return bytes(data)
@@ -138,6 +145,9 @@ CASES: Dict[str, Case] = {
         predict.main,
         lambda t, d: _predict(t, d, edit_signature=_bigger_table_signature),
         ["model.pt2", "num_items: package 50, signature 100"],
+    ),
+    "predict: request file holding code": Case(
+        predict.main, _code_in_request_file, ["requests.pt", "refused", "getcwd"], forbid=["weights_only"]
     ),
     "predict: item id 10^20": Case(
         predict.main, lambda t, d: _predict(t, d, item_ids=[10**20, 1, 2, 3, 4]), ["item_ids", "element 0", "int64"]

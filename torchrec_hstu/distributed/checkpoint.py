@@ -29,7 +29,6 @@ before anything is copied.
 
 import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import logging
@@ -46,6 +45,8 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from torchrec_hstu.cli import file_sha256, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -162,20 +163,12 @@ def _dcp_load(state: Dict[str, Any], path: str, no_dist: bool) -> None:
 # -- manifest ------------------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_table(folder: str) -> Dict[str, Dict[str, Any]]:
     table = {}
     for name in sorted(os.listdir(folder)):
         full = os.path.join(folder, name)
         if name != MANIFEST and os.path.isfile(full):
-            table[name] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+            table[name] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
     return table
 
 
@@ -241,7 +234,7 @@ def read_manifest(path: str, verify_files: bool = True) -> CheckpointInfo:
             size = os.path.getsize(full)
             if size != expected["bytes"]:
                 problems.append(f"{name}: {size} bytes, expected {expected['bytes']} (truncated or overwritten)")
-            elif _sha256(full) != expected["sha256"]:
+            elif file_sha256(full) != expected["sha256"]:
                 problems.append(f"{name}: sha256 differs from the manifest (file altered or corrupted)")
         if problems:
             raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(problems))
@@ -430,9 +423,7 @@ def save_checkpoint(
         os.replace(partial, path)
         parent = os.path.dirname(os.path.abspath(path))
         pointer = os.path.join(parent, LATEST)
-        with open(pointer + ".tmp", "w") as f:
-            f.write(os.path.basename(os.path.abspath(path)) + "\n")
-        os.replace(pointer + ".tmp", pointer)
+        write_atomic(pointer, os.path.basename(os.path.abspath(path)) + "\n")
     _barrier()
     return path
 

@@ -17,43 +17,23 @@ Example::
 """
 
 import json
-import os
 import time
 import traceback
-import uuid
 from typing import Any, Callable, TypeVar
 
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
 
-__all__ = ["AtomicErrorHandler", "record_errors", "write_atomic"]
+from torchrec_hstu.cli import write_atomic
+
+__all__ = ["AtomicErrorHandler", "record_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Args:
-        path: the destination; a reader sees its old content (or none) or all of ``text``.
-        text: the content.
-    """
-    temporary = os.path.join(
-        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    )
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 class AtomicErrorHandler(ErrorHandler):
-    """torch's :class:`ErrorHandler` with every error file written by :func:`write_atomic`.
+    """torch's :class:`ErrorHandler` with every error file written by
+    :func:`torchrec_hstu.cli.write_atomic`.
 
     The record has torch's layout (``{"message": {"message", "extraInfo": {"py_callstack",
     "timestamp"}}}``), which torchrun's summary parses.

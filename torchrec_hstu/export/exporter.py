@@ -10,13 +10,12 @@ import json
 import logging
 import os
 import time
-import uuid
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from torchrec_hstu.cli import UserError
+from torchrec_hstu.cli import UserError, temporary_path
 from torchrec_hstu.export.signature import (
     SIZES_METADATA_KEY,
     ModelSignature,
@@ -314,12 +313,6 @@ def default_inductor_configs(device_type: str, link: bool = True) -> Dict[str, A
     return configs
 
 
-def _temporary_path(final: str, suffix: str) -> str:
-    """A fresh file name in ``final``'s folder (same file system, so a rename is atomic)."""
-    directory = os.path.dirname(os.path.abspath(final))
-    return os.path.join(directory, f".{os.path.basename(final)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-
-
 def compile_package(
     program: "torch.export.ExportedProgram",
     signature: ModelSignature,
@@ -357,8 +350,8 @@ def compile_package(
         **(inductor_configs or {}),
     }
     signature_path = signature_path_for(out)
-    package_tmp = _temporary_path(out, ".pt2")
-    signature_tmp = _temporary_path(signature_path, ".json")
+    package_tmp = temporary_path(out, ".tmp.pt2")
+    signature_tmp = temporary_path(signature_path, ".tmp.json")
     try:
         start = time.perf_counter()
         with _size_oblivious():

@@ -14,14 +14,13 @@ Example::
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from torchrec_hstu.cli import UserError
+from torchrec_hstu.cli import UserError, file_sha256
 
 __all__ = [
     "RANKING",
@@ -62,15 +61,6 @@ class InputSpec:
     dtype: str
     shape: List[str]
     description: str = ""
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass

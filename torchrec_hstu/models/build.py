@@ -18,15 +18,13 @@ Example::
     ...                                 num_items=100)  # doctest: +SKIP
 """
 
-import os
-import pickle
 import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from torchrec_hstu.cli import UserError
+from torchrec_hstu.cli import UserError, load_torch_file
 
 __all__ = ["build_model_from_config", "checkpoint_mismatch", "load_checkpoint_state"]
 
@@ -52,22 +50,7 @@ def load_checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
             (a pickled global other than tensors and plain containers: refused, never run), or
             one without a state dict.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
-        raise UserError(
-            f"{path}: refused: the checkpoint holds {what}, and loading it could run code; "
-            "a checkpoint for this tool holds tensors only (save model.state_dict())"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as err:
-        reason = str(err).split(".")[0].strip() or type(err).__name__
-        raise UserError(
-            f"{path}: not a readable torch checkpoint (truncated, or not written by torch.save): {reason}"
-        ) from None
+    state = load_torch_file(path, "checkpoint")
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
