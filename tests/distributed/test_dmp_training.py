@@ -205,8 +205,9 @@ def test_resume_at_another_world_size_and_sharding(launch, two_rank_run, referen
 
 def test_exported_model_from_dmp_checkpoint_predicts_like_single_process(two_rank_run, reference, tmp_path):
     """The DMP run's sharded checkpoint, consolidated into one state_dict file, loaded through
-    the model builder's checkpoint reader (torchrec_hstu.models.build) and exported with ``torchrec_hstu.export``: the
-    exported program scores like the single-process model (batches unlike the export example).
+    the model builder's checkpoint reader (``torchrec_hstu.models.build``) and exported with
+    ``torchrec_hstu.export``: the exported program scores like the single-process model
+    (batches unlike the export example).
     The AOTInductor compile of the same program is the export module's own test."""
     from torchrec_hstu.export import export_program
     from torchrec_hstu.models.build import load_checkpoint_state

@@ -252,3 +252,13 @@ def test_package_and_signature_are_renamed_into_place_together(fail, package_dir
         assert open(out, "rb").read() == b"new package bytes"
         ModelSignature.load(old_signature).check_package(out)  # the new .json names the new .pt2
     assert sorted(os.listdir(tmp_path)) == ["m.json", "m.pt2"]
+
+
+def test_export_refuses_a_model_scoring_more_items_than_its_table(package_dir):
+    """A retrieval model whose catalogue (``num_items``) exceeds its table's rows would index
+    past the table inside the package: refused before tracing."""
+    state = torch.load(package_dir / "state.pt", weights_only=True)
+    model = build_model_from_config(load_config(RETRIEVAL_CONFIG), state)
+    model.num_items = RETRIEVAL_NUM_ITEMS + 10
+    with pytest.raises(ValueError, match="index past the table"):
+        export.export_program(model, max_batch_size=4, max_seq_len=16)
