@@ -143,17 +143,27 @@ class AttentionRequest:
         )
 
 
-def missing_capability(caps: BackendCapabilities, request: AttentionRequest) -> Optional[str]:
+def missing_capability(
+    caps: BackendCapabilities, request: AttentionRequest, check_device: Optional[bool] = None
+) -> Optional[str]:
     """The first capability ``request`` needs that ``caps`` lacks, in words; None if it fits.
 
-    Device support is checked unless tracing (a model exports on a machine that cannot run it).
-    The FP8 backward is not checked here: a forward-only FP8 result refuses its backward.
+    ``check_device`` defaults to "unless tracing": an explicit kernel exports on a machine that
+    cannot run it. The FP8 backward is not checked here: a forward-only FP8 result refuses its
+    backward. Pure, so cached: every layer of every step asks the same few questions.
     """
+    if check_device is None:
+        check_device = not is_tracing()
+    return _missing_capability(caps, request, check_device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _missing_capability(caps: BackendCapabilities, request: AttentionRequest, check_device: bool) -> Optional[str]:
     opts = request.options
     if request.dtype not in caps.dtypes:
         names = sorted(str(d).replace("torch.", "") for d in caps.dtypes)
         return f"dtype {str(request.dtype).replace('torch.', '')} (supports {names})"
-    if not is_tracing() and request.device_type not in caps.devices:
+    if check_device and request.device_type not in caps.devices:
         return f"tensors on {request.device_type} (it needs {' or '.join(sorted(caps.devices))} tensors)"
     for name, dim in (("Dqk", request.head_dim_qk), ("Dv", request.head_dim_v)):
         if dim > caps.max_head_dim or (caps.head_dims is not None and dim not in caps.head_dims):
@@ -456,7 +466,8 @@ def select_backend(kernel, request: AttentionRequest) -> Backend:
     if kernel == HSTUKernel.AUTO:
         for name in AUTO_ORDER:
             backend = BACKENDS[name]
-            if missing_capability(backend.capabilities, request) is None and backend.is_available():
+            fits = missing_capability(backend.capabilities, request, check_device=True) is None
+            if fits and backend.is_available():
                 key = (f"{request.device_type}/{request.dtype}/fp8={request.options.fp8_quant_mode}/"
                        f"delta={request.delta}", backend.name)
                 if key not in _logged_auto:

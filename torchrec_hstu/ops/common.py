@@ -1,6 +1,7 @@
 """Shared pieces of the ops layer: the kernel enum, the attention options and input checks."""
 
 import dataclasses
+import functools
 import logging
 from enum import Enum, unique
 from typing import Any, Optional, Sequence, Tuple
@@ -133,12 +134,21 @@ class AttentionOptions:
 
     def to_op_args(self) -> Tuple[Any, ...]:
         """The fields in declaration order: how custom ops receive the options."""
-        return dataclasses.astuple(self)
+        return tuple(getattr(self, name) for name in _OPTION_FIELDS)
 
     @classmethod
     def from_op_args(cls, args: Sequence[Any]) -> "AttentionOptions":
-        """Inverse of :meth:`to_op_args` (validates like the constructor)."""
-        return cls(*args)
+        """Inverse of :meth:`to_op_args` (validates like the constructor; cached, since a model
+        has a handful of distinct options and every op call decodes them)."""
+        return _options_from_op_args(tuple(args))
+
+
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionOptions))
+
+
+@functools.lru_cache(maxsize=256)
+def _options_from_op_args(args: Tuple[Any, ...]) -> AttentionOptions:
+    return AttentionOptions(*args)
 
 
 def is_tracing() -> bool:

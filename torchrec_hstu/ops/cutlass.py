@@ -43,7 +43,8 @@ import dataclasses
 import importlib
 import inspect
 import logging
-from typing import Any, Callable, Dict, Optional
+import sys
+from typing import Any, Callable, Dict, Optional, Set
 
 import torch
 
@@ -75,10 +76,21 @@ class CutlassWheel:
 WHEEL_MODULES = ("hstu", "fbgemm_gpu.experimental.hstu")
 
 
+#: Wheel modules whose import failed: not retried on every attention call (a failed import
+#: searches the path each time); a module placed on ``sys.modules`` later is still found.
+_MISSING: Set[str] = set()
+
+
 def _import(name: str) -> Optional[Any]:
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    if name in _MISSING:
+        return None
     try:
         return importlib.import_module(name)
     except ImportError:
+        _MISSING.add(name)
         return None
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchrec_hstu.ops.common import AttentionOptions
+from torchrec_hstu.ops.common import AttentionOptions, is_tracing
 from torchrec_hstu.ops.custom_ops import define_attention_op, register_attention_autograd
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
@@ -599,7 +599,8 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             f"kernel=TRITON supports q/k/v dtypes {[str(d) for d in dtypes]}; got {q.dtype} "
             "(use kernel=PYTORCH for float64)"
         )
-    if not interpret_mode() and q.device.type != "cuda":
+    # While tracing (torch.export on a CPU machine) the op only has to be recorded.
+    if not interpret_mode() and not is_tracing() and q.device.type != "cuda":
         raise ValueError(f"kernel=TRITON needs CUDA tensors; got q on {q.device}")
     if q.shape[2] > 256 or v.shape[2] > 256:
         raise ValueError(
