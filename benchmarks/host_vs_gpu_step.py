@@ -55,7 +55,7 @@ def parse_shape(text: str) -> Tuple[int, int, int]:
     return batch, max_len, dim
 
 
-def build_step(args: argparse.Namespace, shape: Tuple[int, int, int], device: torch.device):
+def build_step(args: argparse.Namespace, shape: Tuple[int, int, int], device: torch.device, recompute: bool = True):
     """``(edge, step, tokens)``: the edge check and the step after it, for one shape."""
     batch, max_len, dim = shape
     torch.manual_seed(0)
@@ -64,6 +64,8 @@ def build_step(args: argparse.Namespace, shape: Tuple[int, int, int], device: to
         embedding_dim=dim, num_heads=args.heads, hidden_dim=head_dim, attention_dim=head_dim,
         output_dropout_ratio=0.0,
     )
+    if not recompute:  # activation recompute (the anchors' default) replays ops in backward
+        stu.update(recompute_normed_x=False, recompute_uvqk=False, recompute_y=False)
     stack = STUStack.uniform(stu, args.layers, kernel=args.kernel).to(device)
     optimizer = torch.optim.Adam(stack.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -165,13 +167,14 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
     lines = [
-        "| B | N | d | tokens | host ms | GPU ms | host / GPU | edge ms | wall ms | syncs |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| B | N | d | tokens | recompute | host ms | GPU ms | host / GPU | edge ms | wall ms | syncs |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = None if not r["gpu_ms"] else r["host_ms"] / r["gpu_ms"]
         lines.append(
-            f"| {r['batch']} | {r['max_len']} | {r['dim']} | {r['tokens']} | {fmt(r['host_ms'])} | "
+            f"| {r['batch']} | {r['max_len']} | {r['dim']} | {r['tokens']} | {'on' if r['recompute'] else 'off'} | "
+            f"{fmt(r['host_ms'])} | "
             f"{fmt(r['gpu_ms'])} | {fmt(ratio)} | {fmt(r['edge_ms'])} | {fmt(r['wall_ms'])} | "
             f"{'n/a' if r['syncs'] is None else r['syncs']} |"
         )
@@ -189,25 +192,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="print the top host operators of one step")
+    parser.add_argument("--recompute", choices=("on", "off", "both"), default="on",
+                        help="the STU layers' activation recompute (on: the default of STULayer)")
     parser.add_argument("--out", default=None, help="JSON result path (a .md table is written beside it)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs CUDA; use --device cpu --kernel PYTORCH for a dry run")
     rows = []
+    variants = {"on": [True], "off": [False], "both": [True, False]}[args.recompute]
     for text in args.shapes:
-        shape = parse_shape(text)
-        edge, step, tokens = build_step(args, shape, device)
-        for _ in range(args.warmup):
-            step(edge())
-        syncs = count_syncs(edge, step, device)
-        row = {"batch": shape[0], "max_len": shape[1], "dim": shape[2], "tokens": tokens, "syncs": syncs}
-        row.update(measure(edge, step, device, args.steps))
-        rows.append(row)
-        print(f"B={shape[0]} N={shape[1]} d={shape[2]}: host {row['host_ms']:.2f} ms, GPU "
-              f"{'n/a' if row['gpu_ms'] is None else format(row['gpu_ms'], '.2f')} ms, syncs {syncs}", flush=True)
-        if args.profile:
-            print(profile_step(edge, step, device, rows=25))
+        for recompute in variants:
+            shape = parse_shape(text)
+            edge, step, tokens = build_step(args, shape, device, recompute)
+            for _ in range(args.warmup):
+                step(edge())
+            syncs = count_syncs(edge, step, device)
+            row = {"batch": shape[0], "max_len": shape[1], "dim": shape[2], "tokens": tokens, "syncs": syncs,
+                   "recompute": recompute}
+            row.update(measure(edge, step, device, args.steps))
+            rows.append(row)
+            print(f"B={shape[0]} N={shape[1]} d={shape[2]} recompute={recompute}: host {row['host_ms']:.2f} ms, GPU "
+                  f"{'n/a' if row['gpu_ms'] is None else format(row['gpu_ms'], '.2f')} ms, syncs {syncs}", flush=True)
+            if args.profile:
+                print(profile_step(edge, step, device, rows=30))
     table = markdown(rows)
     print(table)
     if args.out:
