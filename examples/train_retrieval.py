@@ -459,8 +459,8 @@ def summary_markdown(summary: Dict[str, Any], runs: List[Dict[str, Any]]) -> str
         "",
         f"- date: {first['run']['date']}",
         f"- device: {first['run']['device']}",
-        f"- command: `{first['run']['command']}`",
-        f"- git commit: {first['run'].get('git_commit') or '(unknown)'}",
+        *[f"- command: `{command}`" for command in dict.fromkeys(r["run"]["command"] for r in runs)],
+        f"- git commit: {', '.join(dict.fromkeys(r['run'].get('git_commit') or '(unknown)' for r in runs))}",
         f"- data: {first['data']['name']} ({first['data']['users']} users, {first['data']['items']} items, "
         f"{first['data']['interactions']} interactions per seed); evaluated on each user's "
         f"{'last' if first['args'].get('eval_split', 'test') == 'test' else 'second-to-last (validation)'} item "
