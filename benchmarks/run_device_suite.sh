@@ -29,7 +29,8 @@ echo "gpu tests rc=$?"; tail -n 25 "$OUT/gpu_tests.log"
 fi
 if [ "${HOSTGPU_S:-0}" -gt 0 ]; then
 mkdir -p "$OUT/results"
-timeout "${HOSTGPU_S}" python3 benchmarks/host_vs_gpu_step.py --out "$OUT/results/host-vs-gpu-step.json" \
+# shellcheck disable=SC2086 # HOSTGPU_ARGS is a list of flags
+timeout "${HOSTGPU_S}" python3 benchmarks/host_vs_gpu_step.py --out "$OUT/results/host-vs-gpu-step.json" ${HOSTGPU_ARGS:-} \
   > "$OUT/host_vs_gpu.log" 2>&1
 echo "host vs gpu rc=$?"; tail -n 15 "$OUT/host_vs_gpu.log"
 fi
@@ -39,6 +40,12 @@ mkdir -p "$OUT/results"
 timeout "${ATTN_S}" python3 benchmarks/attention.py --out-dir "$OUT/results" ${ATTN_ARGS:-} \
   > "$OUT/attention.log" 2>&1
 echo "attention rc=$?"; tail -n 30 "$OUT/attention.log"
+fi
+if [ "${ATTN2_S:-0}" -gt 0 ]; then
+# shellcheck disable=SC2086 # ATTN2_ARGS is a list of flags
+timeout "${ATTN2_S}" python3 benchmarks/attention.py --out-dir "$OUT/results" ${ATTN2_ARGS:-} \
+  > "$OUT/attention2.log" 2>&1
+echo "attention (2) rc=$?"; tail -n 12 "$OUT/attention2.log"
 fi
 if [ "${FP8_S:-130}" -gt 0 ]; then
 timeout "${FP8_S:-130}" python3 benchmarks/fp8_speed.py --out "$OUT" --budget-s "$(( ${FP8_S:-130} - 25 ))" \
