@@ -73,15 +73,6 @@ def test_exported_program_matches_eager(exported, num_heads, head_dim):
         torch.testing.assert_close(got, eager_output(model, batch), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._inductor.exc.InductorError,
-    reason=(
-        "one head: inductor lays the reference kernel's [b, 1, N, D] operands out channels-last and "
-        "then needs concrete strides of the unbacked N (GuardOnDataDependentSymNode); needs the 3-D "
-        "one-head path in ops/pytorch/hstu_attention.py (reported to the lead)"
-    ),
-)
 def test_one_head_package_compiles_and_predicts(exported, tmp_path):
     model, program, signature = exported(1, 12)
     out = str(tmp_path / "one_head.pt2")

@@ -139,8 +139,17 @@ class AttentionRequest:
             dropout=dropout,
             needs_grad=needs_grad,
             delta=delta,
-            scaling_seqlen_differs=options.scaling_seqlen not in (-1, max_seq_len),
+            scaling_seqlen_differs=_scaling_seqlen_differs(options.scaling_seqlen, max_seq_len),
         )
+
+
+def _scaling_seqlen_differs(scaling_seqlen: int, max_seq_len: int) -> bool:
+    if scaling_seqlen == -1:
+        return False
+    if isinstance(max_seq_len, torch.SymInt):
+        # An exported max_seq_len is unknown: a fixed divisor may differ from it.
+        return True
+    return scaling_seqlen != max_seq_len
 
 
 def missing_capability(

@@ -152,8 +152,17 @@ class _JaggedAttention(torch.autograd.Function):
         dim_v = v.shape[2]
         result = q.new_zeros((total_len + 1, num_heads, dim_v), dtype=compute_dtype)
         scores_per_group: List[torch.Tensor] = []
+        # One head: 3-D [b, N, D] operands. A [b, 1, N, D] tensor is also channels-last
+        # contiguous, and inductor then asks for the concrete strides of an unbacked N under
+        # torch.export (GuardOnDataDependentSymNode); the math is the same.
+        one_head = num_heads == 1
         for index, masked_out, keep in groups:
-            qg, kg, vg = (_gather(x, index, total_len, compute_dtype) for x in (q, k, v))
+            if one_head:
+                qg, kg, vg = (_gather_one_head(x, index, total_len, compute_dtype) for x in (q, k, v))
+                masked_out = masked_out[:, 0]
+                keep = None if keep is None else keep[:, 0]
+            else:
+                qg, kg, vg = (_gather(x, index, total_len, compute_dtype) for x in (q, k, v))
             scores = torch.matmul(qg.mul_(alpha), kg.transpose(-1, -2))
             weights = F.silu(scores)
             weights.masked_fill_(masked_out, 0.0)
@@ -162,9 +171,10 @@ class _JaggedAttention(torch.autograd.Function):
             out = torch.matmul(weights, vg)
             del weights
             out.mul_(out_scale)
+            rows = out.reshape(-1, 1, dim_v) if one_head else out.transpose(1, 2).reshape(-1, num_heads, dim_v)
             # Padded slots all write the spare row L, which is dropped.
-            result.index_copy_(0, index.reshape(-1), out.transpose(1, 2).reshape(-1, num_heads, dim_v))
-            scores_per_group.append(scores)
+            result.index_copy_(0, index.reshape(-1), rows)
+            scores_per_group.append(scores.unsqueeze(1) if one_head else scores)
         ctx.save_for_backward(q, k, v)
         ctx.groups, ctx.scores = groups, scores_per_group
         ctx.alpha, ctx.out_scale, ctx.compute_dtype = alpha, out_scale, compute_dtype
@@ -227,6 +237,12 @@ def _gather(x: torch.Tensor, index: torch.Tensor, total_len: int, dtype: torch.d
     """
     read_index = torch.where(index < total_len, index, torch.zeros_like(index))
     return x[read_index].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+
+
+def _gather_one_head(x: torch.Tensor, index: torch.Tensor, total_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_gather` of a one-head ``x: [L, 1, D]`` as ``[b, N, D]``."""
+    read_index = torch.where(index < total_len, index, torch.zeros_like(index))
+    return x[:, 0][read_index].to(dtype, memory_format=torch.contiguous_format)
 
 
 def pytorch_hstu_attention(
