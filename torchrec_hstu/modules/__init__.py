@@ -7,6 +7,7 @@ are leaves over ``ops``; ``stu`` uses ``kv_cache``; ``hstu_transducer`` uses ``s
 """
 
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer, HSTUTransducerOutput
+from torchrec_hstu.modules.jagged_types import JaggedInput, jagged_tensor, jagged_values, jagged_values_lengths
 from torchrec_hstu.modules.kv_cache import (
     HSTUKVCache,
     STULayerKVCache,
@@ -14,7 +15,6 @@ from torchrec_hstu.modules.kv_cache import (
     prefill_transducer,
     score_candidates,
 )
-from torchrec_hstu.modules.jagged_types import JaggedInput, jagged_tensor, jagged_values, jagged_values_lengths
 from torchrec_hstu.modules.multi_channel import MultiChannelBatchFacts, MultiChannelHSTU, MultiChannelHSTUOutput
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
 from torchrec_hstu.modules.postprocessors import (

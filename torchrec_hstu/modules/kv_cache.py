@@ -49,6 +49,7 @@ from torchrec_hstu.modules.jagged_types import JaggedInput
 from torchrec_hstu.ops.common import AttentionOptions, JaggedBatchFacts, is_tracing
 from torchrec_hstu.ops.delta_attention import uniform_delta_offsets
 
+
 def _param_fingerprint(module: nn.Module) -> Tuple[Tuple[int, int], ...]:
     """``(storage pointer, version counter)`` per parameter: changes on any in-place update
     (optimizer step, ``load_state_dict``) or re-materialization (``.to()``). Parameters created

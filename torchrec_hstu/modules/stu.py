@@ -15,13 +15,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from torchrec_hstu.ops.common import (
-    AttentionOptions,
-    HSTUKernel,
-    JaggedBatchFacts,
-    check_jagged_batch_sync,
-    to_kernel,
-)
 from torchrec_hstu.modules.kv_cache import (
     DeltaStepStats,
     STULayerKVCache,
@@ -33,6 +26,13 @@ from torchrec_hstu.modules.kv_cache import (
     check_layer_cache,
     check_prefill,
     resolve_delta_offsets,
+)
+from torchrec_hstu.ops.common import (
+    AttentionOptions,
+    HSTUKernel,
+    JaggedBatchFacts,
+    check_jagged_batch_sync,
+    to_kernel,
 )
 from torchrec_hstu.ops.delta_attention import delta_hstu_attention
 from torchrec_hstu.ops.hstu_compute import (

@@ -23,9 +23,9 @@ import torch
 
 from torchrec_hstu.ops.backends import AttentionRequest, run_delta_attention, select_backend
 from torchrec_hstu.ops.common import (
+    _FLOAT_DTYPES,
     AttentionOptions,
     HSTUKernel,
-    _FLOAT_DTYPES,
     check_seq_offsets,
     is_tracing,
     to_kernel,

@@ -44,11 +44,11 @@ from torchrec_hstu.ops.triton.hstu_attention import (
     _fwd_query_block,
     _input_precision,
     _last_dim_contiguous,
-    mask_args_of,
     _MaskArgs,
     _seq_class,
     check_triton_inputs,
     choose_config,
+    mask_args_of,
 )
 
 logger = logging.getLogger(__name__)

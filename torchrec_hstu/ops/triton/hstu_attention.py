@@ -354,7 +354,7 @@ def choose_config(key: Tuple, candidates: List[KernelConfig], max_seq_len: int,
     timings = []
     for config in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20,
+            ms = triton.testing.do_bench(lambda config=config: run(config), warmup=5, rep=20,
                                          return_mode="median")
         except (triton.runtime.errors.OutOfResources, triton.CompilationError) as err:
             logger.debug("config %s does not fit: %s", config, err)
