@@ -31,7 +31,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def compiler_wrapper(mode: str = DEFAULT_LINK_MODE, compiler: Optional[str] = No
     compiler = compiler or _default_compiler()
     if not compiler:
         raise RuntimeError("AOTInductor needs a C++ compiler: none found (set CXX or install g++)")
-    text = _script(compiler, LINK_MODES[mode])
+    text = _script(compiler, cast(List[str], LINK_MODES[mode]))  # not None: checked above
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     directory = _private_directory(directory)
     path = os.path.join(directory, f"{mode}-{digest}-{os.path.basename(compiler)}")

@@ -17,8 +17,6 @@ attention op divides by the batch ``max_seq_len`` at run time.
 import os
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from torch import nn
-
 from torchrec_hstu.config import hstu_pb2
 from torchrec_hstu.config.kwargs import config_to_kwargs
 from torchrec_hstu.config.loader import load_config
@@ -72,7 +70,7 @@ def build_positional_encoder(
     return HSTUPositionalEncoder(embedding_dim=embedding_dim, contextual_seq_len=contextual_seq_len, **kwargs)
 
 
-_PREPROCESSORS: Dict[str, Callable[..., nn.Module]] = {
+_PREPROCESSORS: Dict[str, Callable[..., ContextualPreprocessor]] = {
     "contextual_preprocessor": ContextualPreprocessor,
 }
 

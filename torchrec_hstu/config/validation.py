@@ -6,7 +6,7 @@ a constructor. Which kernel can run which options is the backend table's to say
 (:func:`torchrec_hstu.ops.backends.kernel_supports`).
 """
 
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 from google.protobuf.message import Message
 
@@ -263,7 +263,7 @@ def validate_model(model: hstu_pb2.HSTUModel) -> None:
     for index, hstu in enumerate(model.hstu):
         validate_hstu(hstu, f"hstu[{index}]", kernel)
     if len(model.hstu) >= 2:
-        seen = {}
+        seen: Dict[str, int] = {}
         for index, hstu in enumerate(model.hstu):
             if not hstu.name:
                 raise _fail(

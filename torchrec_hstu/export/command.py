@@ -12,11 +12,14 @@ option combination that cannot compile) ends with one line ``error: ...`` and ex
 import argparse
 import logging
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from torchrec_hstu.cli import UserError, add_debug_flag
+
+if TYPE_CHECKING:
+    from torchrec_hstu.config import hstu_pb2
 
 __all__ = ["build_parser", "main"]
 
@@ -82,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise FileNotFoundError(f"config not found: {args.config}")
     with open(args.config, "r", encoding="utf-8") as handle:
         config_text = handle.read()
-    config = load_config(args.config)
+    config: "hstu_pb2.HSTUModel" = load_config(args.config)
     state = load_checkpoint_state(args.checkpoint)
     try:
         model = build_model_from_config(config, state, kernel=args.kernel, fp8_quant_mode=args.fp8_quant_mode)

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,10 @@ from torchrec_hstu.export.signature import (
     signature_path_for,
 )
 from torchrec_hstu.export.specs import ExportWrapper, ModelSpec, spec_for
+
+if TYPE_CHECKING:
+    from torchrec_hstu.models.ranking import HSTURanking
+    from torchrec_hstu.models.retrieval import HSTURetrieval
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ def example_inputs(model: nn.Module, max_seq_len: int, batch_size: int = 3, seed
     """
     spec = spec_for(model)
     batch = spec.example_inputs(max_seq_len, batch_size, torch.Generator().manual_seed(seed))
-    device = model.dense_device()
+    device = cast("Union[HSTURetrieval, HSTURanking]", model).dense_device()  # the kinds spec_for accepts
     return {name: batch[name].to(device) for name in spec.input_names}
 
 
@@ -168,7 +172,7 @@ def _size_oblivious() -> Any:
     if not hasattr(fx_config, "backed_size_oblivious"):
         logger.warning("torch %s has no backed_size_oblivious: exported dims start at 2", torch.__version__)
         return contextlib.nullcontext()
-    return fx_config.patch(backed_size_oblivious=True)
+    return fx_config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]  # installed at import by install_config_module
 
 
 @contextlib.contextmanager
@@ -232,11 +236,12 @@ def export_program(
     """
     spec = spec_for(model)
     max_seq_len = _checked_bounds(spec, max_batch_size, max_seq_len)
-    device = model.dense_device()
+    served = cast("Union[HSTURetrieval, HSTURanking]", model)  # the kinds spec_for accepts
+    device = served.dense_device()
     check_export_options(device.type, autocast_dtype)
-    if model.embedding_device() != device:
+    if served.embedding_device() != device:
         raise ValueError(
-            f"the item table is on {model.embedding_device()} and the dense part on {device}; "
+            f"the item table is on {served.embedding_device()} and the dense part on {device}; "
             "move the whole model to the device the package will run on (model.to(device)): the "
             "table lookup is part of the exported program"
         )

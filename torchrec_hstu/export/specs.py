@@ -10,12 +10,17 @@ Symbols: ``B`` requests, ``K`` channels, ``L`` / ``Lh`` history tokens, ``T`` ca
 """
 
 import contextlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union, cast
 
 import torch
 from torch import nn
 
 from torchrec_hstu.export.signature import RANKING, RETRIEVAL, InputSpec
+
+if TYPE_CHECKING:
+    from torchrec_hstu.models.ranking import HSTURanking
+    from torchrec_hstu.models.retrieval import HSTURetrieval
+    from torchrec_hstu.modules.stu import STULayer
 
 __all__ = ["ExportWrapper", "ModelSpec", "RankingSpec", "RetrievalSpec", "SPECS", "autocast_context", "spec_for"]
 
@@ -100,7 +105,7 @@ class ModelSpec:
         """The program body: ``model`` on the named inputs, bound ``max_seq_len`` asserted."""
         raise NotImplementedError
 
-    def stu_layers(self) -> Dict[str, List[nn.Module]]:
+    def stu_layers(self) -> Dict[str, List["STULayer"]]:
         """``{channel: [STULayer, ...]}`` (``"transducer"`` for a single transducer)."""
         raise NotImplementedError
 
@@ -121,7 +126,8 @@ class ModelSpec:
 
     def table_rows(self) -> int:
         """Rows of the item table."""
-        model = self.model
+        # Either model kind (a subclass's ``model``): both have ``embedding_collection`` and ``table_name``.
+        model: Any = self.model
         return int(model.embedding_collection.embeddings[model.table_name].weight.shape[0])
 
 
@@ -137,6 +143,7 @@ def _timestamps(generator: torch.Generator, lengths: Sequence[int]) -> torch.Ten
 class RetrievalSpec(ModelSpec):
     """:class:`~torchrec_hstu.models.retrieval.HSTURetrieval` -> ``scores [B, num_items]``."""
 
+    model: "HSTURetrieval"
     model_type = RETRIEVAL
     inputs = (
         InputSpec("item_ids", "int64", ["L"], "history item ids, sequences back to back (oldest first)"),
@@ -167,8 +174,8 @@ class RetrievalSpec(ModelSpec):
         lengths = inputs["lengths"]
         return model(inputs["item_ids"], lengths, inputs["timestamps"], longest_sequence(lengths, max_seq_len))
 
-    def stu_layers(self) -> Dict[str, List[nn.Module]]:
-        return {"transducer": list(self.model.transducer.stu_module.layers)}
+    def stu_layers(self) -> Dict[str, List["STULayer"]]:
+        return {"transducer": cast(List["STULayer"], list(self.model.transducer.stu_module.layers))}
 
     def check(self, max_seq_len: int) -> None:
         rows = self.table_rows()
@@ -192,6 +199,7 @@ class RetrievalSpec(ModelSpec):
 class RankingSpec(ModelSpec):
     """:class:`~torchrec_hstu.models.ranking.HSTURanking` -> ``logits [T, num_tasks]``."""
 
+    model: "HSTURanking"
     model_type = RANKING
     inputs = (
         InputSpec("history_ids", "int64", ["Lh"], "history item ids, channel-major, requests back to back"),
@@ -245,8 +253,11 @@ class RankingSpec(ModelSpec):
         longest_sequence(per_channel.flatten(), max_seq_len)
         return model(**inputs)
 
-    def stu_layers(self) -> Dict[str, List[nn.Module]]:
-        return {name: list(self.model.encoder.channel(name).stu_module.layers) for name in self.model.channels}
+    def stu_layers(self) -> Dict[str, List["STULayer"]]:
+        return {
+            name: cast(List["STULayer"], list(self.model.encoder.channel(name).stu_module.layers))
+            for name in self.model.channels
+        }
 
     def default_max_seq_len(self) -> Optional[int]:
         bound = int(self.model.encoder.max_seq_len)
@@ -304,7 +315,7 @@ class ExportWrapper(nn.Module):
         self.spec = spec
         self.max_seq_len = max_seq_len
         self.autocast_dtype = autocast_dtype
-        self.device_type = spec.model.dense_device().type
+        self.device_type = cast("Union[HSTURetrieval, HSTURanking]", spec.model).dense_device().type
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The spec's inputs, in order -> the model's output."""

@@ -19,12 +19,15 @@ Example::
 """
 
 import re
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from torchrec_hstu.cli import UserError, load_torch_file
+
+if TYPE_CHECKING:
+    from torchrec_hstu.config import hstu_pb2
 
 __all__ = ["build_model_from_config", "checkpoint_mismatch", "load_checkpoint_state"]
 
@@ -75,7 +78,7 @@ def _find_table(state: Mapping[str, torch.Tensor]) -> Tuple[str, torch.Tensor]:
     return tables[0]
 
 
-def _channel_path(key: str, config: "object") -> Tuple[Optional[str], str]:
+def _channel_path(key: str, config: "hstu_pb2.HSTUModel") -> Tuple[Optional[str], str]:
     """``(config path of the channel, rest of the key)`` for a transducer parameter."""
     if key.startswith("transducer."):
         return "hstu[0]", key[len("transducer.") :]
@@ -85,7 +88,7 @@ def _channel_path(key: str, config: "object") -> Tuple[Optional[str], str]:
     return None, key
 
 
-def _stu_difference(path: str, stu: "object", rest: str, state: Mapping[str, torch.Tensor], prefix: str) -> Optional[str]:
+def _stu_difference(path: str, stu: "hstu_pb2.STU", rest: str, state: Mapping[str, torch.Tensor], prefix: str) -> Optional[str]:
     """Which ``STU`` field of ``path`` explains the checkpoint's layer shapes, if one does.
 
     ``uvqk_weight: [embedding_dim, num_heads * (2 * hidden_dim + 2 * attention_dim)]`` and
@@ -132,7 +135,7 @@ _FIELD_HINTS: List[Tuple[str, str]] = [
 ]
 
 
-def checkpoint_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], config: "object") -> Optional[str]:
+def checkpoint_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], config: "hstu_pb2.HSTUModel") -> Optional[str]:
     """Why ``state`` does not fit ``model`` built from ``config``, naming the config field; None if it fits.
 
     Args:
@@ -176,7 +179,7 @@ def checkpoint_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], con
 
 
 def build_model_from_config(
-    config: "object",
+    config: "hstu_pb2.HSTUModel",
     state: Optional[Mapping[str, torch.Tensor]] = None,
     kernel: Optional[str] = None,
     fp8_quant_mode: Optional[int] = None,

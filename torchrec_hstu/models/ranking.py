@@ -16,7 +16,7 @@ plain tensors and builds the ``KeyedJaggedTensor`` inside; the ``EmbeddingCollec
 only sparse module (one table shared by every channel and the candidates).
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -217,7 +217,7 @@ class HSTURanking(nn.Module):
         return self.embedding_collection.embeddings[self.table_name].weight.device
 
     def dense_device(self) -> torch.device:
-        return self.item_mlp[0].weight.device
+        return cast(nn.Linear, self.item_mlp[0]).weight.device
 
     def place(self, dense_device: Union[str, torch.device]) -> "HSTURanking":
         """Move every module except the item table to ``dense_device``."""
@@ -290,6 +290,8 @@ class HSTURankingTrain(nn.Module):
         model: the ranking model.
         task_weights: per-task loss weights (default 1 each).
     """
+
+    task_weights: torch.Tensor  # buffer registered in __init__
 
     def __init__(self, model: HSTURanking, task_weights: Optional[Sequence[float]] = None) -> None:
         super().__init__()

@@ -2,7 +2,7 @@
 
 import dataclasses
 import logging
-from typing import Dict, Optional, Union
+from typing import Dict, Iterable, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torchrec_hstu.modules.kv_cache import (
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
 from torchrec_hstu.modules.postprocessors import L2NormPostprocessor, OutputPostprocessor
 from torchrec_hstu.modules.preprocessors import ContextualPreprocessor, PreprocessorOutput
-from torchrec_hstu.modules.stu import STUStack
+from torchrec_hstu.modules.stu import STULayer, STUStack
 from torchrec_hstu.ops.common import HSTUKernel, JaggedBatchFacts, check_jagged_batch_sync, is_tracing, to_kernel
 from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets, split_2D_jagged
 
@@ -106,7 +106,7 @@ class HSTUTransducer(nn.Module):
         self.input_dropout = nn.Dropout(input_dropout_ratio)
         self.return_full_embeddings = return_full_embeddings
         self.feature_name = feature_name
-        first = stu_module.layers[0]
+        first = cast(STULayer, stu_module.layers[0])
         self.embedding_dim = first.config.embedding_dim
         self.contextual_seq_len = (
             input_preprocessor.contextual_seq_len() if input_preprocessor is not None else 0
@@ -127,7 +127,7 @@ class HSTUTransducer(nn.Module):
                     f"positional_encoder.contextual_seq_len={positional_encoder.contextual_seq_len} "
                     f"differs from the preprocessor's contextual prefix {self.contextual_seq_len}"
                 )
-        for layer in stu_module.layers:
+        for layer in cast(Iterable[STULayer], stu_module.layers):
             if layer.attention_options.contextual_seq_len != self.contextual_seq_len:
                 raise ValueError(
                     f"STU contextual_seq_len={layer.attention_options.contextual_seq_len} differs from the "
@@ -160,7 +160,7 @@ class HSTUTransducer(nn.Module):
     def set_kernel(self, kernel: Union[HSTUKernel, str]) -> None:
         """Set the attention kernel of every STU layer."""
         kernel = to_kernel(kernel)
-        for layer in self.stu_module.layers:
+        for layer in cast(Iterable[STULayer], self.stu_module.layers):
             layer.kernel = kernel
 
     def check_batch_sync(
@@ -260,6 +260,7 @@ class HSTUTransducer(nn.Module):
         else:
             _check_facts_match(batch_facts, values.shape[0], lengths.numel(), num_targets, max_seq_len)
         if max_seq_len is None:
+            assert batch_facts is not None  # None only while tracing, refused above without max_seq_len
             max_seq_len = batch_facts.max_seq_len
         pre = self.preprocess(
             values, offsets, max_seq_len, jagged_values(seq_timestamps), num_targets, contextual_embeddings,
@@ -306,7 +307,7 @@ class HSTUTransducer(nn.Module):
         if total_targets is None:
             # Tracing: read the total once, as an unbacked size the candidates and their
             # timestamps share (each read would be a new one).
-            total_targets = target_offsets[-1].item()
+            total_targets = cast(int, target_offsets[-1].item())
             torch._check(total_targets >= 0)
             torch._check(total_targets <= x.shape[0])
         totals = (x.shape[0] - total_targets, total_targets)
@@ -472,7 +473,7 @@ class HSTUTransducer(nn.Module):
                 raise ValueError("with time encoding, score_candidates needs candidate_timestamps [Lt]")
             if not is_tracing() and values.shape[0] > 0:
                 last = timestamps[torch.clamp(offsets[1:] - 1, min=0)]
-                stale = ((lengths > 0) & (last != cache.query_timestamps.to(last.dtype))).any()
+                stale = ((lengths > 0) & (last != cast(torch.Tensor, cache.query_timestamps).to(last.dtype))).any()
         flags = [same_history, batch_key_flag(cache.stack.batch_key, batch_key), stale]
         stats = delta_step_stats_sync(cache.stack.offsets, offsets, values.shape[0], lengths, flags)
         check_prefix_offsets(stats, 0, cache.history_offsets, history_offsets, "HSTUKVCache")

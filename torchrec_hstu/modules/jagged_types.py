@@ -7,7 +7,7 @@ helpers convert at that edge without fbgemm ops (CUDA-safe) and without reading 
 ``ops/`` stays free of torchrec, so they live here rather than in ``ops/jagged.py``.
 """
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union, overload
 
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -28,6 +28,18 @@ def jagged_values_lengths(jt: JaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]
 def jagged_tensor(values: torch.Tensor, offsets: torch.Tensor) -> JaggedTensor:
     """A JaggedTensor with both lengths and offsets set (no fbgemm call later)."""
     return JaggedTensor(values=values, lengths=offsets[1:] - offsets[:-1], offsets=offsets)
+
+
+@overload
+def jagged_values(x: Union[JaggedTensor, torch.Tensor]) -> torch.Tensor: ...
+
+
+@overload
+def jagged_values(x: None) -> None: ...
+
+
+@overload
+def jagged_values(x: Optional[Union[JaggedTensor, torch.Tensor]]) -> Optional[torch.Tensor]: ...
 
 
 def jagged_values(x: Optional[Union[JaggedTensor, torch.Tensor]]) -> Optional[torch.Tensor]:

@@ -39,7 +39,7 @@ over what each call sees, FP8 modes 1..5 are not bit-equal to the full FP8 forwa
 """
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -302,6 +302,7 @@ def delta_step_stats_sync(
             f"L'={total_delta}; got {delta_offsets.tolist()[:16]}"
         )
     if negative_target > 0:
+        assert num_targets is not None  # targets are zeros without num_targets
         raise ValueError(f"num_targets must be >= 0 for every sequence; got {num_targets.tolist()[:16]}")
     return DeltaStepStats(
         longest, targets_in_prefix, history_in_delta, longest_delta, tuple(bool(v) for v in host[8:])
@@ -442,7 +443,8 @@ class HSTUKVCache:
 def prefill_transducer(transducer: nn.Module, history: JaggedInput, max_seq_len: int, **kwargs: Any) -> HSTUKVCache:
     """Same as ``transducer.prefill(history, max_seq_len, **kwargs)``
     (:meth:`~torchrec_hstu.modules.HSTUTransducer.prefill`); kept for existing callers."""
-    return transducer.prefill(history, max_seq_len, **kwargs)
+    # An HSTUTransducer (not imported here: hstu_transducer imports this module).
+    return cast(Any, transducer).prefill(history, max_seq_len, **kwargs)
 
 
 def score_candidates(
@@ -450,4 +452,4 @@ def score_candidates(
 ) -> JaggedTensor:
     """Same as ``transducer.score_candidates(candidates, cache, history_offsets, **kwargs)``
     (:meth:`~torchrec_hstu.modules.HSTUTransducer.score_candidates`); kept for existing callers."""
-    return transducer.score_candidates(candidates, cache, history_offsets, **kwargs)
+    return cast(Any, transducer).score_candidates(candidates, cache, history_offsets, **kwargs)

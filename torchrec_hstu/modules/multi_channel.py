@@ -26,7 +26,7 @@ transducer gets its facts as ints and reads nothing from the device.
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -143,13 +143,13 @@ class MultiChannelHSTU(nn.Module):
     @property
     def output_dim(self) -> int:
         """Width of the concatenated candidate embeddings (sum of the channels' dims)."""
-        return sum(channel.embedding_dim for channel in self.channels)
+        return sum(channel.embedding_dim for channel in cast(Iterable[HSTUTransducer], self.channels))
 
     def channel(self, name: str) -> HSTUTransducer:
         """The transducer of channel ``name``."""
         if name not in self.channel_names:
             raise ValueError(f"no channel named {name!r}; channels: {self.channel_names}")
-        return self.channels[self.channel_names.index(name)]
+        return cast(HSTUTransducer, self.channels[self.channel_names.index(name)])
 
     def _get(self, inputs: Dict[str, JaggedOrTensor], key: str, argument: str, channel: str) -> JaggedOrTensor:
         if key not in inputs:
@@ -205,7 +205,7 @@ class MultiChannelHSTU(nn.Module):
                 )
         candidates = chunks[0]
         channels: Dict[str, JaggedBatchFacts] = {}
-        for name, transducer, history in zip(self.channel_names, self.channels, chunks[1:]):
+        for name, transducer, history in zip(self.channel_names, cast(Iterable[HSTUTransducer], self.channels), chunks[1:]):
             lengths = tuple(h + t for h, t in zip(history, candidates))
             longest = max(lengths, default=0)
             prefix = transducer.contextual_seq_len
@@ -251,7 +251,7 @@ class MultiChannelHSTU(nn.Module):
         if seq_timestamps is not None and cand_key in seq_timestamps:
             cand_timestamps = jagged_values(seq_timestamps[cand_key])
         outputs: Dict[str, JaggedTensor] = {}
-        for name, transducer in zip(self.channel_names, self.channels):
+        for name, transducer in zip(self.channel_names, cast(Iterable[HSTUTransducer], self.channels)):
             hist_values, hist_lengths = self._history(seq_embeddings, name, num_candidates)
             hist_offsets = lengths_to_offsets(hist_lengths)
             values = concat_2D_jagged(hist_values, cand_values, hist_offsets, cand_offsets)
@@ -295,7 +295,7 @@ class MultiChannelHSTU(nn.Module):
         """Under tracing: the channel's exact batch maximum as an unbacked size, so an exported
         model pads and scales (``scaling_seqlen=-1``) as eager does; the bound becomes a runtime
         assertion."""
-        longest_traced = torch.cat([lengths, lengths.new_ones(1)]).max().item()
+        longest_traced = cast(int, torch.cat([lengths, lengths.new_ones(1)]).max().item())
         torch._check(longest_traced >= 1)
         if self.max_seq_len > 0:
             torch._check(longest_traced + transducer.contextual_seq_len <= self.max_seq_len)

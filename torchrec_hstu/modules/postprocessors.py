@@ -56,6 +56,9 @@ class TimestampLayerNormPostprocessor(OutputPostprocessor):
         eps: LayerNorm epsilon.
     """
 
+    period_units: torch.Tensor  # buffers registered in __init__
+    units_per_period: torch.Tensor
+
     def __init__(
         self,
         embedding_dim: int,

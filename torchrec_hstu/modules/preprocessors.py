@@ -53,6 +53,8 @@ class ActionEncoder(nn.Module):
         embedding_init_std: init std of the tables.
     """
 
+    action_weights: torch.Tensor  # buffer registered in __init__
+
     def __init__(
         self, action_embedding_dim: int, action_weights: List[int], embedding_init_std: float = 0.1
     ) -> None:
@@ -198,6 +200,7 @@ class ContextualPreprocessor(nn.Module):
             targets = torch.zeros_like(lengths) if num_targets is None else num_targets.to(torch.int64)
             is_target = positions >= (lengths - targets)[batch_ids]
             actions = self.action_encoder(seq_actions, is_target).to(embeddings.dtype)
+            assert self.action_mlp is not None  # built together with action_encoder
             embeddings = embeddings + self.action_mlp(actions)
         c = self.max_contextual_seq_len
         if c == 0:

@@ -10,7 +10,7 @@ One layer, on jagged token embeddings ``x: [L, d]``::
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -207,7 +207,9 @@ class STULayer(nn.Module):
         u, attn, _, _ = self._attend(x, x_offsets, max_seq_len, targets, attention_cache)
         return self._output(attn, u, x)
 
-    def _projection(self) -> Tuple[Any, ...]:
+    def _projection(
+        self,
+    ) -> Tuple[torch.Tensor, torch.Tensor, float, int, int, int, torch.Tensor, torch.Tensor]:
         """The input norm and u/v/q/k projection arguments of :func:`hstu_compute_uqvk` after ``x``."""
         cfg = self.config
         return (
@@ -526,7 +528,7 @@ class STUStack(nn.Module):
         plan: Optional[TruncationPlan] = None
         # Masks and length groups depend only on the layout: build once, rebuilt after truncation.
         cache: Dict[str, Any] = {}
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(cast(Iterable[STULayer], self.layers)):
             if index > 0 and index == self.attn_truncation_split_layer:
                 # Targets are kept whatever the mask options: the transducer splits them off.
                 plan = compute_truncation_plan(
@@ -582,7 +584,7 @@ class STUStack(nn.Module):
         """
         split = self.attn_truncation_split_layer
         if split > 0:
-            fixed = [layer.attention_options.scaling_seqlen > 0 for layer in self.layers[split:]]
+            fixed = [layer.attention_options.scaling_seqlen > 0 for layer in cast(Iterable[STULayer], self.layers[split:])]
             if not all(fixed):
                 raise ValueError(
                     "the KV-cached path with attention truncation needs a fixed scaling_seqlen (> 0) in every "
@@ -659,7 +661,7 @@ class STUStack(nn.Module):
         else:
             check_append_targets(num_targets, append)
             delta_offsets = resolve_delta_offsets(delta_x, delta_offsets, kv_cache.batch_size)
-        for layer, layer_cache in zip(self.layers, kv_cache.layers):
+        for layer, layer_cache in zip(cast(Iterable[STULayer], self.layers), kv_cache.layers):
             check_layer_cache(layer, layer_cache, delta_x)
             check_delta_step(
                 layer.attention_options,
@@ -671,7 +673,7 @@ class STUStack(nn.Module):
             )
         x = delta_x
         new_layers: List[STULayerKVCache] = []
-        for layer, layer_cache in zip(self.layers, kv_cache.layers):
+        for layer, layer_cache in zip(cast(Iterable[STULayer], self.layers), kv_cache.layers):
             x, new_cache = layer._cached_step(x, layer_cache, delta_offsets, num_targets, append)
             new_layers.append(new_cache)
         if not append:

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Dict, FrozenSet, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Set, Tuple, TypedDict
 
 import torch
 
@@ -337,7 +337,18 @@ def _cutlass_is(flavor: str) -> Callable[[], bool]:
 
 
 #: The CUTLASS wheels' common limits (anchor-cutlass-fp8.md; fbgemm measured on the H200).
-_CUTLASS_COMMON = dict(
+class _CutlassCommon(TypedDict):
+    """The :class:`BackendCapabilities` fields every CUTLASS backend shares (typed for ``**``)."""
+
+    dtypes: FrozenSet[torch.dtype]
+    devices: FrozenSet[str]
+    max_head_dim: int
+    equal_head_dims: bool
+    window_with_targets_or_contextual: bool
+    min_full_attn_seq_len: bool
+
+
+_CUTLASS_COMMON: _CutlassCommon = dict(
     dtypes=_HALF_FLOATS,
     devices=frozenset({"cuda"}),
     max_head_dim=256,
@@ -472,6 +483,7 @@ def select_backend(kernel, request: AttentionRequest) -> Backend:
         The :class:`Backend` to run.
     """
     kernel = to_kernel(kernel)
+    backend: Optional[Backend]
     if kernel == HSTUKernel.AUTO:
         for name in AUTO_ORDER:
             backend = BACKENDS[name]

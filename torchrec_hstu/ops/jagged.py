@@ -9,7 +9,7 @@ They use only ``torch`` operators (no fbgemm), so they run on CPU and CUDA alike
 autograd, and trace under ``torch.export``: none of them reads a tensor value on the host.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, cast
 
 import torch
 
@@ -112,7 +112,7 @@ def jagged_to_padded_dense(
 def _total(offsets: torch.Tensor, total_len: Optional[int]) -> int:
     # Reading offsets[-1] is a host sync (an unbacked size under torch.export); callers on
     # hot paths pass the total when they know it.
-    return offsets[-1].item() if total_len is None else total_len
+    return cast(int, offsets[-1].item()) if total_len is None else total_len
 
 
 def dense_to_jagged(

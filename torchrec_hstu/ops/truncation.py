@@ -12,7 +12,7 @@ sizes. :func:`compute_truncation_plan_sync` reads the facts first (one host sync
 """
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, cast
 
 import torch
 
@@ -125,9 +125,9 @@ def compute_truncation_plan(
         total_new, new_max_seq_len = new_facts.total_len, new_facts.longest
     elif is_tracing():
         # Data-dependent sizes stay symbolic (unbacked) under torch.export.
-        total_new = new_offsets[-1].item()
+        total_new = cast(int, new_offsets[-1].item())
         torch._check(total_new >= 0)
-        new_max_seq_len = new_lengths.max().item()
+        new_max_seq_len = cast(int, new_lengths.max().item())
         torch._check(new_max_seq_len >= 0)
         if max_seq_len is not None:
             torch._check(new_max_seq_len <= max_seq_len)

@@ -11,7 +11,7 @@ exporting (:func:`~torchrec_hstu.ops.common.is_tracing`), so a model exports on 
 could not run it. No path ever falls back to bf16/fp16 or to another kernel.
 """
 
-from typing import Tuple
+from typing import Tuple, cast
 
 import torch
 
@@ -49,7 +49,7 @@ def check_fp8_quant_mode(fp8_quant_mode: int) -> None:
 def _capability(device: torch.device) -> Tuple[int, int]:
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"no CUDA device for tensors on {device}")
-    return tuple(torch.cuda.get_device_capability(device))
+    return cast(Tuple[int, int], tuple(torch.cuda.get_device_capability(device)))
 
 
 def check_fp8_support(

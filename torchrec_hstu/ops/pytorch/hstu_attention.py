@@ -256,7 +256,7 @@ def pytorch_hstu_attention(
     num_targets: Optional[torch.Tensor] = None,
     dropout_pr: float = 0.0,
     training: bool = False,
-    cache: Optional[Dict[str, Any]] = None,
+    cache: Optional[Dict[Any, Any]] = None,  # keys: "groups" and ("mask", ...) tuples
 ) -> torch.Tensor:
     """Reference HSTU attention on jagged tensors.
 

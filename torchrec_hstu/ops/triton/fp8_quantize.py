@@ -30,7 +30,7 @@ Example::
     (torch.float8_e4m3fn, torch.Size([3, 2]))
 """
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import triton
@@ -179,7 +179,7 @@ def _seq_kernel(
              mask=io_mask)
 
 
-_SATURATES = {}
+_SATURATES: Dict[str, bool] = {}
 
 
 def torch_cast_saturates(device: torch.device) -> bool:
@@ -281,7 +281,7 @@ def triton_quantize_for_mode(
     rows = total * heads
     block_r = _TUNING.get("rows") or _ROWS
     rows_grid = (triton.cdiv(rows, block_r),)
-    fp32 = dict(dtype=torch.float32, device=device)
+    fp32: Dict[str, Any] = dict(dtype=torch.float32, device=device)
 
     def seq_launch(kind: int, tile: int, desc, tok_desc, block_offsets, amax) -> None:
         if rows == 0 or batch == 0 or max_seq_len == 0:
