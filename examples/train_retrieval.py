@@ -466,7 +466,7 @@ def summary_markdown(summary: Dict[str, Any], runs: List[Dict[str, Any]]) -> str
         f"{'last' if first['args'].get('eval_split', 'test') == 'test' else 'second-to-last (validation)'} item "
         "against the full catalogue; "
         + ("the seed sets the data, the model init and the order" if first["data"]["name"] == "synthetic-rings"
-           else "the seed sets the model init, the order and the negatives"),
+           else "the seed sets the model init, the training order, dropout and sampled negatives"),
         "",
         "Mean ± std over seeds " + ", ".join(str(s) for s in summary["seeds"]) + " (min–max in brackets):",
         "",
