@@ -19,11 +19,13 @@ def test_unset_fields_give_declared_defaults_and_sentinels():
     assert kwargs == {
         "embedding_dim": 16, "num_heads": 2, "hidden_dim": 8, "attention_dim": 4,
         "output_dropout_ratio": 0.3, "max_attn_len": 0, "attn_alpha": 0.0, "use_group_norm": False,
-        "recompute_normed_x": True, "recompute_uvqk": True, "recompute_y": True, "sort_by_length": True,
+        "recompute_normed_x": True, "recompute_uvqk": True, "recompute_y": True,
         "contextual_seq_len": -1, "sla_k1": 0, "sla_k2": 0, "scaling_seqlen": -1, "fp8_quant_mode": -1,
     }
-    # Every field of the descriptor is present, in declaration order.
-    assert list(kwargs) == [f.name for f in hstu_pb2.STU.DESCRIPTOR.fields]
+    # Every field of the descriptor is present, in declaration order, except the deprecated
+    # ones (TorchEasyRec's sort_by_length: parsed, reaches no constructor).
+    assert list(kwargs) == [f.name for f in hstu_pb2.STU.DESCRIPTOR.fields if not f.GetOptions().deprecated]
+    assert "sort_by_length" not in kwargs and hstu_pb2.STU.DESCRIPTOR.fields_by_name["sort_by_length"]
 
 
 def test_fp8_minus_one_explicit_equals_unset():

@@ -46,7 +46,7 @@ def parse_proto_text(text: str) -> Tuple[Dict[str, Dict[str, tuple]], Dict[str, 
             continue
         fields = {}
         for label, ftype, fname, number, default in re.findall(
-            r"(?:\b(optional|required|repeated)\s+)?([\w.]+)\s+(\w+)\s*=\s*(\d+)\s*(?:\[\s*default\s*=\s*([^\]]+?)\s*\])?\s*;",
+            r"(?:\b(optional|required|repeated)\s+)?([\w.]+)\s+(\w+)\s*=\s*(\d+)\s*(?:\[\s*default\s*=\s*([^\],]+?)\s*(?:,[^\]]*)?\])?\s*;",
             body,
         ):
             fields[fname] = (int(number), label or "oneof", ftype, default.strip('"') if default else None)

@@ -71,7 +71,9 @@ def config_to_kwargs(message: Message) -> Dict[str, Any]:
     * message field: a nested dict built by the same rules if set, else ``None`` (key present);
     * oneof: only the chosen member appears, e.g. ``{"l2norm_postprocessor": {"eps": 1e-06}}``;
       no key at all when none is chosen;
-    * repeated field: a list (of dicts for messages); map field: a dict.
+    * repeated field: a list (of dicts for messages); map field: a dict;
+    * a field marked ``[deprecated = true]`` (kept only so other tools' configs parse, e.g.
+      TorchEasyRec's ``sort_by_length``) is left out: it reaches no constructor.
 
     Args:
         message: any protobuf message (proto2 schema of :mod:`torchrec_hstu.config`).
@@ -92,6 +94,8 @@ def config_to_kwargs(message: Message) -> Dict[str, Any]:
     kwargs: Dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         name = field.name
+        if field.GetOptions().deprecated:
+            continue
         oneof = field.containing_oneof
         if oneof is not None and message.WhichOneof(oneof.name) != name:
             continue

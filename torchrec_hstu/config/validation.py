@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from torchrec_hstu.config import hstu_pb2
 from torchrec_hstu.config.kwargs import shortest_float32
 from torchrec_hstu.ops.backends import kernel_supports
-from torchrec_hstu.ops.common import MAX_FP8_QUANT_MODE, MIN_FP8_QUANT_MODE, AttentionOptions, HSTUKernel, to_kernel
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, to_kernel
 
 __all__ = [
     "ConfigError",
@@ -108,27 +108,8 @@ def validate_stu(stu: hstu_pb2.STU, path: str = "stu", kernel: Optional[KernelLi
         raise _fail(
             f"{path}.contextual_seq_len", "must be >= 0 or -1 (the preprocessor's)", stu.contextual_seq_len
         )
-    if stu.scaling_seqlen == 0 or stu.scaling_seqlen < -1:
-        raise _fail(
-            f"{path}.scaling_seqlen", "must be a positive int or -1 (batch max_seq_len)", stu.scaling_seqlen
-        )
-    if not MIN_FP8_QUANT_MODE <= stu.fp8_quant_mode <= MAX_FP8_QUANT_MODE:
-        raise _fail(
-            f"{path}.fp8_quant_mode",
-            f"must be in [{MIN_FP8_QUANT_MODE}, {MAX_FP8_QUANT_MODE}] (-1 off, 0 cast, 1 two-direction, "
-            "2 per-block, 3 per-head, 4 per-sample, 5 per-tensor)",
-            stu.fp8_quant_mode,
-        )
-    sla_on = stu.sla_k1 > 0 or stu.sla_k2 > 0
-    if sla_on and stu.max_attn_len > 0:
-        raise _fail(
-            f"{path}.max_attn_len",
-            f"must be 0 when Semi-Local Attention is on ({path}.sla_k1={stu.sla_k1}, "
-            f"{path}.sla_k2={stu.sla_k2}) since SLA replaces the window",
-            stu.max_attn_len,
-        )
-    if kernel is None:
-        return
+    # The attention rules (scaling_seqlen, fp8_quant_mode, SLA vs window) live in
+    # AttentionOptions alone; their ValueError comes back here with the field's path.
     try:
         options = AttentionOptions(
             max_attn_len=max(stu.max_attn_len, 0),
@@ -139,7 +120,10 @@ def validate_stu(stu: hstu_pb2.STU, path: str = "stu", kernel: Optional[KernelLi
             fp8_quant_mode=stu.fp8_quant_mode,
         )
     except ValueError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise _with_path(path, stu, err) from None
+    if kernel is None:
+        return
+    sla_on = options.use_sla
     lacking = kernel_supports(
         normalize_kernel(kernel), options, stu.attention_dim, stu.hidden_dim)
     if lacking is not None:
@@ -151,6 +135,16 @@ def validate_stu(stu: hstu_pb2.STU, path: str = "stu", kernel: Optional[KernelLi
                 "sla_k2 to 0"
             )
         raise ConfigError(f"kernel={name!r} cannot run {lacking} ({path}); the backend table says so")
+
+
+def _with_path(path: str, message: Message, err: ValueError) -> ConfigError:
+    """A dataclass's ``ValueError`` as a :class:`ConfigError` naming the field's path: its text
+    starts with the field name (``fp8_quant_mode must be ...``) or is about the message."""
+    text = str(err)
+    field = text.split(" ", 1)[0]
+    if field in message.DESCRIPTOR.fields_by_name:
+        return ConfigError(f"{path}.{text}")
+    return ConfigError(f"{path}: {text}")
 
 
 def _contextual_prefix(hstu: hstu_pb2.HSTU) -> int:

@@ -74,7 +74,6 @@ class STULayerConfig:
     recompute_normed_x: bool = True
     recompute_uvqk: bool = True
     recompute_y: bool = True
-    sort_by_length: bool = True
     contextual_seq_len: int = 0
     sla_k1: int = 0
     sla_k2: int = 0
@@ -91,6 +90,9 @@ class STULayerConfig:
             raise ValueError(f"output_dropout_ratio must be in [0, 1); got {self.output_dropout_ratio}")
         if self.contextual_seq_len < -1:
             raise ValueError(f"contextual_seq_len must be >= 0 or -1 (unset); got {self.contextual_seq_len}")
+        if self.attn_alpha is not None and self.attn_alpha < 0:
+            raise ValueError(f"attn_alpha must be >= 0 (0: 1/sqrt(attention_dim)); got {self.attn_alpha}")
+        self.attention_options()  # the attention rules live in AttentionOptions (raises ValueError)
 
     @property
     def alpha(self) -> float:
@@ -120,7 +122,7 @@ class STULayer(nn.Module):
         kernel: attention kernel (:class:`HSTUKernel` or name); ``AUTO`` picks per device.
         **config: the other :class:`STULayerConfig` fields (``output_dropout_ratio``, ``causal``,
             ``target_aware``, ``max_attn_len``, ``attn_alpha``, ``use_group_norm``,
-            ``recompute_*``, ``sort_by_length``, ``contextual_seq_len``, ``sla_k1``, ``sla_k2``,
+            ``recompute_*``, ``contextual_seq_len``, ``sla_k1``, ``sla_k2``,
             ``scaling_seqlen``, ``fp8_quant_mode``).
 
     Example::
