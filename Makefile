@@ -11,5 +11,8 @@ venv:
 train: venv
 	$(PY) examples/train_retrieval.py
 
+# The linter and the type checker run first (seconds), over the package.
 test: venv
+	$(PY) -m ruff check torchrec_hstu
+	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)

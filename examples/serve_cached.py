@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from examples.common import device_description, resolve_device  # noqa: E402
-from torchrec_hstu.modules import ContextualPreprocessor, HSTUPositionalEncoder, HSTUTransducer  # noqa: E402
+from torchrec_hstu.modules import ContextualPreprocessor, HSTUPositionalEncoder, HSTUTransducer, STUStack  # noqa: E402
 from torchrec_hstu.modules.kv_cache import prefill_transducer, score_candidates  # noqa: E402
 from torchrec_hstu.ops.jagged import concat_2D_jagged, lengths_to_offsets  # noqa: E402
 
@@ -51,23 +51,16 @@ def build_model(args: argparse.Namespace, device: torch.device):
         device=device,
     )
     contextual = args.contextual_tokens
-    transducer = HSTUTransducer.from_layer_kwargs(
-        dict(
-            embedding_dim=args.dim,
-            num_heads=args.heads,
-            hidden_dim=args.head_dim,
-            attention_dim=args.head_dim,
-            output_dropout_ratio=0.0,
-            fp8_quant_mode=args.fp8_quant_mode,
-        ),
-        attn_num_layers=args.layers,
+    stu = dict(embedding_dim=args.dim, num_heads=args.heads, hidden_dim=args.head_dim, attention_dim=args.head_dim,
+               output_dropout_ratio=0.0, fp8_quant_mode=args.fp8_quant_mode)
+    transducer = HSTUTransducer(
+        STUStack.uniform(stu, args.layers, contextual_seq_len=contextual, kernel=args.kernel),
         input_preprocessor=ContextualPreprocessor(
             args.item_dim, args.dim, 2 * args.dim, contextual_feature_dim=8 if contextual else 0,
             max_contextual_seq_len=contextual, action_embedding_dim=8, action_weights=[1, 2, 4],
         ),
         positional_encoder=HSTUPositionalEncoder(args.history + args.candidates + 1, 128, args.dim,
                                                  contextual_seq_len=contextual),
-        kernel=args.kernel,
     )
     head = nn.Linear(args.dim, 1)
     dtype = DTYPES[args.dtype]

@@ -136,12 +136,10 @@ def test_construction_errors():
         HSTUTransducer(stack, input_dropout_ratio=1.5)
 
 
-def test_from_layer_kwargs_takes_the_preprocessor_prefix():
+def test_uniform_stack_takes_the_preprocessor_prefix():
     pre = ContextualPreprocessor(6, D, 12, contextual_feature_dim=3, max_contextual_seq_len=2)
-    t = HSTUTransducer.from_layer_kwargs(
-        dict(embedding_dim=D, num_heads=2, hidden_dim=4, attention_dim=4, contextual_seq_len=-1),
-        attn_num_layers=3, input_preprocessor=pre,
-    )
+    stu = dict(embedding_dim=D, num_heads=2, hidden_dim=4, attention_dim=4, contextual_seq_len=-1)
+    t = HSTUTransducer(STUStack.uniform(stu, 3, pre.contextual_seq_len()), input_preprocessor=pre)
     assert len(t.stu_module.layers) == 3
     assert all(layer.attention_options.contextual_seq_len == 2 for layer in t.stu_module.layers)
 

@@ -48,7 +48,9 @@ class DataFormatError(ValueError):
     """
 
     def __init__(self, path: PathLike, line_number: int, expected: str, line: Union[str, bytes]) -> None:
-        shown = line if len(line) <= 120 else line[:117] + ("..." if isinstance(line, str) else b"...")
+        shown: Union[str, bytes] = line
+        if len(line) > 120:
+            shown = line[:117] + "..." if isinstance(line, str) else line[:117] + b"..."
         where = f"{os.fspath(path)}:{line_number}" if line_number > 0 else os.fspath(path)
         super().__init__(f"{where}: expected {expected}; got {shown!r}")
         self.path = os.fspath(path)

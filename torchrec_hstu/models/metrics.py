@@ -9,7 +9,7 @@ count in the target's favour; baselines with many tied scores are favoured by it
 * ``MRR = mean(1 / (rank + 1))`` (over the full ranking, no cut-off)
 """
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ class RankAccumulator:
 
     def __init__(self, ks: Sequence[int] = DEFAULT_KS) -> None:
         self.ks = tuple(ks)
-        self._ranks = []
+        self._ranks: List[torch.Tensor] = []
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         self._ranks.append(target_ranks(scores, targets).cpu())

@@ -30,6 +30,7 @@ from torchrec_hstu.modules.multi_channel import MultiChannelHSTU
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
 from torchrec_hstu.modules.postprocessors import LayerNormPostprocessor
 from torchrec_hstu.modules.preprocessors import ContextualPreprocessor, contextualized_mlp
+from torchrec_hstu.modules.stu import STUStack
 from torchrec_hstu.ops.common import HSTUKernel
 
 DEFAULT_CANDIDATE_FEATURE = "candidates"
@@ -87,15 +88,13 @@ def default_ranking_transducer(
         num_time_buckets=num_time_buckets,
         embedding_dim=embedding_dim,
     )
-    return HSTUTransducer.from_layer_kwargs(
-        stu,
-        num_layers,
+    return HSTUTransducer(
+        STUStack.uniform(stu, num_layers, preprocessor.contextual_seq_len(), kernel=kernel),
         input_preprocessor=preprocessor,
         positional_encoder=encoder,
         output_postprocessor=LayerNormPostprocessor(embedding_dim),
         input_dropout_ratio=input_dropout_ratio,
         return_full_embeddings=False,
-        kernel=kernel,
     )
 
 

@@ -30,6 +30,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
+from torchrec_hstu.modules.stu import STUStack
 from torchrec_hstu.ops.common import HSTUKernel, is_tracing
 from torchrec_hstu.ops.jagged import jagged_token_positions, lengths_to_offsets
 
@@ -108,13 +109,11 @@ def default_retrieval_transducer(
         embedding_dim=embedding_dim,
         use_time_encoding=use_time_encoding,
     )
-    return HSTUTransducer.from_layer_kwargs(
-        stu,
-        num_layers,
+    return HSTUTransducer(
+        STUStack.uniform(stu, num_layers, kernel=kernel),
         positional_encoder=encoder,
         input_dropout_ratio=input_dropout_ratio,
         return_full_embeddings=True,
-        kernel=kernel,
     )
 
 

@@ -2,7 +2,7 @@
 
 import dataclasses
 import logging
-from typing import Dict, Iterable, Optional, Union, cast
+from typing import Iterable, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -134,28 +134,6 @@ class HSTUTransducer(nn.Module):
                     f"preprocessor's contextual prefix {self.contextual_seq_len}; build layers with "
                     "contextual_seq_len=-1 through torchrec_hstu.config.build_transducer (or STUStack.uniform) or set it equal"
                 )
-
-    @classmethod
-    def from_layer_kwargs(
-        cls,
-        stu: Dict,
-        attn_num_layers: int,
-        input_preprocessor: Optional[ContextualPreprocessor] = None,
-        attn_truncation_split_layer: int = 0,
-        attn_truncation_tail_len: int = 0,
-        kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
-        **kwargs,
-    ) -> "HSTUTransducer":
-        """Deprecated: build from config with :func:`torchrec_hstu.config.build_transducer` (the
-        one way to build a transducer), or pass ``STUStack.uniform(...)`` to the constructor.
-
-        Kept for existing callers: ``cls(STUStack.uniform(stu, attn_num_layers, ...), ...)``.
-        """
-        contextual = input_preprocessor.contextual_seq_len() if input_preprocessor is not None else 0
-        stack = STUStack.uniform(
-            stu, attn_num_layers, contextual, attn_truncation_split_layer, attn_truncation_tail_len, kernel
-        )
-        return cls(stack, input_preprocessor=input_preprocessor, **kwargs)
 
     def set_kernel(self, kernel: Union[HSTUKernel, str]) -> None:
         """Set the attention kernel of every STU layer."""
