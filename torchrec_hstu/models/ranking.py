@@ -16,14 +16,15 @@ plain tensors and builds the ``KeyedJaggedTensor`` inside; the ``EmbeddingCollec
 only sparse module (one table shared by every channel and the candidates).
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from torchrec_hstu.models.item_table import ItemTableModel
 from torchrec_hstu.models.retrieval import example_stu_kwargs
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
 from torchrec_hstu.modules.multi_channel import MultiChannelHSTU
@@ -116,7 +117,7 @@ def default_multi_channel(
     )
 
 
-class HSTURanking(nn.Module):
+class HSTURanking(ItemTableModel):
     """Multi-task ranking of candidates appended to one or more history channels.
 
     Args:
@@ -166,8 +167,6 @@ class HSTURanking(nn.Module):
             raise ValueError(f"num_items must be > 0; got {num_items}")
         if not task_names:
             raise ValueError("task_names must not be empty")
-        if table_name == "items":
-            raise ValueError("table_name must not be 'items' (collides with nn.ModuleDict.items)")
         if encoder is None:
             encoder = default_multi_channel(list(channels), item_embedding_dim, **transducer_kwargs)
         elif transducer_kwargs:
@@ -182,22 +181,10 @@ class HSTURanking(nn.Module):
         self.channels: List[str] = list(encoder.channel_names)
         self.candidate_feature_name = encoder.candidate_feature_name
         self.task_names = list(task_names)
-        self.table_name = table_name
-        self.embedding_collection = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=table_name,
-                    embedding_dim=item_embedding_dim,
-                    num_embeddings=num_items,
-                    feature_names=self.channels + [self.candidate_feature_name],
-                )
-            ],
-            device=device,
+        self.create_item_table(
+            num_items, item_embedding_dim, self.channels + [self.candidate_feature_name], table_name,
+            embedding_init_std, device,
         )
-        with torch.no_grad():
-            weight = self.embedding_collection.embeddings[table_name].weight
-            if weight.device.type != "meta":
-                weight.normal_(0.0, embedding_init_std)
         self.encoder = encoder
         user_dim = encoder.output_dim
         self.item_mlp = contextualized_mlp(item_embedding_dim, item_mlp_hidden_dim, user_dim)
@@ -206,24 +193,6 @@ class HSTURanking(nn.Module):
             nn.SiLU(),
             nn.Linear(fusion_hidden_dim, len(self.task_names)),
         )
-
-    # -- devices -------------------------------------------------------------------------
-    def embedding_device(self) -> torch.device:
-        if not isinstance(self.embedding_collection, EmbeddingCollection):
-            # Sharded by DMP: lookups take inputs on the rank's device, where the dense part
-            # lives; a rank holding no shard of the table has an empty CPU placeholder weight.
-            return self.dense_device()
-        return self.embedding_collection.embeddings[self.table_name].weight.device
-
-    def dense_device(self) -> torch.device:
-        return cast(nn.Linear, self.item_mlp[0]).weight.device
-
-    def place(self, dense_device: Union[str, torch.device]) -> "HSTURanking":
-        """Move every module except the item table to ``dense_device``."""
-        for child in self.children():
-            if child is not self.embedding_collection:
-                child.to(dense_device)
-        return self
 
     def forward(
         self,

@@ -25,9 +25,10 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from torchrec_hstu.models.item_table import ItemTableModel
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
 from torchrec_hstu.modules.stu import STUStack
@@ -158,7 +159,7 @@ def next_item_positions(lengths: torch.Tensor, total: int) -> torch.Tensor:
     return torch.nonzero(positions < sequence_lengths[batch_ids] - 1).flatten()
 
 
-class SequentialRetrieval(nn.Module):
+class SequentialRetrieval(ItemTableModel):
     """Shared item-table side of the sequential retrieval models (HSTU, SASRec).
 
     A subclass builds its sequence encoder, calls :meth:`init_item_table` and implements
@@ -191,51 +192,10 @@ class SequentialRetrieval(nn.Module):
             table_name: the table (not ``items``: that collides with ``nn.ModuleDict.items``).
             device: device of the table.
         """
-        if num_items <= 0:
-            raise ValueError(f"num_items must be > 0; got {num_items}")
-        if table_name == "items":
-            raise ValueError("table_name must not be 'items' (collides with nn.ModuleDict.items)")
         self.num_items = num_items
         self.embedding_dim = embedding_dim
         self.feature_name = feature_name
-        self.table_name = table_name
-        self.embedding_collection = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=table_name,
-                    embedding_dim=embedding_dim,
-                    num_embeddings=num_items,
-                    feature_names=[feature_name],
-                )
-            ],
-            device=device,
-        )
-        with torch.no_grad():
-            weight = self.embedding_collection.embeddings[table_name].weight
-            if weight.device.type != "meta":
-                weight.normal_(0.0, embedding_init_std)
-
-    # -- devices -------------------------------------------------------------------------
-    def embedding_device(self) -> torch.device:
-        if not isinstance(self.embedding_collection, EmbeddingCollection):
-            # Sharded by DMP: lookups take inputs on the rank's device, where the dense part
-            # lives; a rank holding no shard of the table has an empty CPU placeholder weight.
-            return self.dense_device()
-        return self.embedding_collection.embeddings[self.table_name].weight.device
-
-    def dense_device(self) -> torch.device:
-        for child in self.children():
-            if child is not self.embedding_collection:
-                for parameter in child.parameters():
-                    return parameter.device
-        return self.embedding_device()
-
-    def place(self, dense_device: Union[str, torch.device]) -> "SequentialRetrieval":
-        """Move every module except the item table to ``dense_device``."""
-        for child in self.children():
-            if child is not self.embedding_collection:
-                child.to(dense_device)
-        return self
+        self.create_item_table(num_items, embedding_dim, [feature_name], table_name, embedding_init_std, device)
 
     # -- lookups -------------------------------------------------------------------------
     def lookup(self, item_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
