@@ -30,6 +30,8 @@ CASES = {
     "window": (False, request(options=AttentionOptions(max_attn_len=8)), "max_attn_len=8"),
     "window_with_targets_or_contextual": (
         False, request(options=AttentionOptions(max_attn_len=8), has_targets=True), "a window"),
+    "non_causal_with_targets_or_contextual": (
+        False, request(options=AttentionOptions(causal=False), has_targets=True), "causal=False together"),
     "sla": (False, request(options=AttentionOptions(sla_k1=4)), "Semi-Local Attention"),
     "min_full_attn_seq_len": (
         False, request(options=AttentionOptions(max_attn_len=8, min_full_attn_seq_len=2)), "min_full_attn_seq_len=2"),

@@ -47,6 +47,8 @@ class BackendCapabilities:
         contextual: ``contextual_seq_len > 0``.
         window: ``max_attn_len > 0``.
         window_with_targets_or_contextual: a window together with targets or a contextual prefix.
+        non_causal_with_targets_or_contextual: ``causal=False`` together with targets or a
+            contextual prefix.
         sla: Semi-Local Attention (``sla_k1`` / ``sla_k2``).
         min_full_attn_seq_len: ``min_full_attn_seq_len > 0``.
         scaling_seqlen: ``scaling_seqlen`` other than the batch ``max_seq_len``.
@@ -71,6 +73,7 @@ class BackendCapabilities:
     contextual: bool = True
     window: bool = True
     window_with_targets_or_contextual: bool = True
+    non_causal_with_targets_or_contextual: bool = True
     sla: bool = True
     min_full_attn_seq_len: bool = True
     scaling_seqlen: bool = True
@@ -197,6 +200,12 @@ def _missing_capability(caps: BackendCapabilities, request: AttentionRequest, ch
         and not caps.window_with_targets_or_contextual
     ):
         return "a window (max_attn_len > 0) together with num_targets or contextual_seq_len"
+    if (
+        not opts.causal
+        and (request.has_targets or opts.contextual_seq_len > 0)
+        and not caps.non_causal_with_targets_or_contextual
+    ):
+        return "causal=False together with num_targets or contextual_seq_len"
     if opts.use_sla and not caps.sla:
         return f"Semi-Local Attention (sla_k1={opts.sla_k1}, sla_k2={opts.sla_k2})"
     if opts.min_full_attn_seq_len > 0 and not caps.min_full_attn_seq_len:
@@ -345,6 +354,7 @@ class _CutlassCommon(TypedDict):
     max_head_dim: int
     equal_head_dims: bool
     window_with_targets_or_contextual: bool
+    non_causal_with_targets_or_contextual: bool
     min_full_attn_seq_len: bool
 
 
@@ -354,6 +364,7 @@ _CUTLASS_COMMON: _CutlassCommon = dict(
     max_head_dim=256,
     equal_head_dims=True,
     window_with_targets_or_contextual=False,
+    non_causal_with_targets_or_contextual=False,
     min_full_attn_seq_len=False,
 )
 
