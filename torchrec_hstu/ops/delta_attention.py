@@ -26,6 +26,7 @@ from torchrec_hstu.ops.common import (
     _FLOAT_DTYPES,
     AttentionOptions,
     HSTUKernel,
+    check_num_targets,
     check_seq_offsets,
     is_tracing,
     to_kernel,
@@ -94,15 +95,7 @@ def check_delta_attention_inputs(
         raise ValueError(
             f"delta_offsets must have B + 1 = {batch_size + 1} entries like seq_offsets; got {delta_offsets.numel()}"
         )
-    if num_targets is not None:
-        if not isinstance(num_targets, torch.Tensor) or num_targets.dim() != 1 or num_targets.numel() != batch_size:
-            raise ValueError(
-                f"num_targets must be 1-D of shape [B]=[{batch_size}]; got {tuple(getattr(num_targets, 'shape', ()))}"
-            )
-        if num_targets.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
-        if num_targets.device != device:
-            raise ValueError(f"num_targets must be on delta_q's device {device}; got {num_targets.device}")
+    check_num_targets(num_targets, batch_size, device)
     if not check_values or is_tracing() or batch_size == 0:
         return
     lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
