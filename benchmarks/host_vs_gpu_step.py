@@ -29,6 +29,7 @@ Shapes are ``BxNxd`` (batch, max length, model dim); lengths are drawn uniformly
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -55,8 +56,13 @@ def parse_shape(text: str) -> Tuple[int, int, int]:
     return batch, max_len, dim
 
 
-def build_step(args: argparse.Namespace, shape: Tuple[int, int, int], device: torch.device, recompute: bool = True):
-    """``(edge, step, tokens)``: the edge check and the step after it, for one shape."""
+def build_step(args: argparse.Namespace, shape: Tuple[int, int, int], device: torch.device, recompute: bool = True,
+               compile_mode: str = "none"):
+    """``(edge, step, tokens)``: the edge check and the step after it, for one shape.
+
+    ``compile_mode`` other than ``"none"`` wraps the stack in ``torch.compile(mode=...)`` (the
+    attention kernels stay opaque custom ops; the dense parts around them are fused).
+    """
     batch, max_len, dim = shape
     torch.manual_seed(0)
     head_dim = dim // args.heads
@@ -68,6 +74,7 @@ def build_step(args: argparse.Namespace, shape: Tuple[int, int, int], device: to
         stu.update(recompute_normed_x=False, recompute_uvqk=False, recompute_y=False)
     stack = STUStack.uniform(stu, args.layers, kernel=args.kernel).to(device)
     optimizer = torch.optim.Adam(stack.parameters(), lr=1e-4)
+    model = stack if compile_mode == "none" else torch.compile(stack, mode=None if compile_mode == "default" else compile_mode)
     generator = torch.Generator().manual_seed(1)
     lengths = torch.randint(max(max_len // 4, 1), max_len + 1, (batch,), generator=generator)
     offsets = lengths_to_offsets(lengths).to(device)
@@ -82,7 +89,7 @@ def build_step(args: argparse.Namespace, shape: Tuple[int, int, int], device: to
 
     def step(facts) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = stack(x, offsets, max_len, num_targets, batch_facts=facts)
+            out = model(x, offsets, max_len, num_targets, batch_facts=facts)
             loss = out.x.float().square().mean()
         loss.backward()
         optimizer.step()
@@ -167,13 +174,14 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
     lines = [
-        "| B | N | d | tokens | recompute | host ms | GPU ms | host / GPU | edge ms | wall ms | syncs |",
-        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| B | N | d | tokens | recompute | compile | host ms | GPU ms | host / GPU | edge ms | wall ms | syncs |",
+        "| ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = None if not r["gpu_ms"] else r["host_ms"] / r["gpu_ms"]
         lines.append(
             f"| {r['batch']} | {r['max_len']} | {r['dim']} | {r['tokens']} | {'on' if r['recompute'] else 'off'} | "
+            f"{r.get('compile', 'none')} | "
             f"{fmt(r['host_ms'])} | "
             f"{fmt(r['gpu_ms'])} | {fmt(ratio)} | {fmt(r['edge_ms'])} | {fmt(r['wall_ms'])} | "
             f"{'n/a' if r['syncs'] is None else r['syncs']} |"
@@ -194,6 +202,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--profile", action="store_true", help="print the top host operators of one step")
     parser.add_argument("--recompute", choices=("on", "off", "both"), default="on",
                         help="the STU layers' activation recompute (on: the default of STULayer)")
+    parser.add_argument("--compile", nargs="+", default=["none"],
+                        choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile modes of the stack to measure (none: eager)")
     parser.add_argument("--out", default=None, help="JSON result path (a .md table is written beside it)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -202,17 +213,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     variants = {"on": [True], "off": [False], "both": [True, False]}[args.recompute]
     for text in args.shapes:
-        for recompute in variants:
+        for recompute, compile_mode in itertools.product(variants, args.compile):
             shape = parse_shape(text)
-            edge, step, tokens = build_step(args, shape, device, recompute)
+            edge, step, tokens = build_step(args, shape, device, recompute, compile_mode)
             for _ in range(args.warmup):
                 step(edge())
             syncs = count_syncs(edge, step, device)
             row = {"batch": shape[0], "max_len": shape[1], "dim": shape[2], "tokens": tokens, "syncs": syncs,
-                   "recompute": recompute}
+                   "recompute": recompute, "compile": compile_mode}
             row.update(measure(edge, step, device, args.steps))
             rows.append(row)
-            print(f"B={shape[0]} N={shape[1]} d={shape[2]} recompute={recompute}: host {row['host_ms']:.2f} ms, GPU "
+            print(f"B={shape[0]} N={shape[1]} d={shape[2]} recompute={recompute} compile={compile_mode}: "
+                  f"host {row['host_ms']:.2f} ms, GPU "
                   f"{'n/a' if row['gpu_ms'] is None else format(row['gpu_ms'], '.2f')} ms, syncs {syncs}", flush=True)
             if args.profile:
                 print(profile_step(edge, step, device, rows=30))

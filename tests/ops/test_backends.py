@@ -10,7 +10,7 @@ from torchrec_hstu.ops import backends
 from torchrec_hstu.ops.backends import AttentionRequest, BackendCapabilities, missing_capability, select_backend
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
 
-BASE = dict(dtype=torch.bfloat16, device_type="cuda", head_dim_qk=64, head_dim_v=64)
+BASE = dict(dtype=torch.bfloat16, device_type="cuda", head_dim_qk=64, head_dim_v=64, options=AttentionOptions())
 
 
 def request(**overrides) -> AttentionRequest:

@@ -10,6 +10,8 @@ round trip of a CUTLASS model.
 import importlib
 import json
 import os
+import subprocess
+import sys
 from typing import Dict
 
 import pytest
@@ -157,12 +159,14 @@ def test_refusals_name_the_capability():
 
 
 def test_auto_picks_the_wheel_when_it_can_and_triton_when_it_cannot():
-    request = backends.AttentionRequest(dtype=torch.bfloat16, device_type="cuda", head_dim_qk=128, head_dim_v=128)
+    request = backends.AttentionRequest(dtype=torch.bfloat16, device_type="cuda", head_dim_qk=128, head_dim_v=128,
+                                          options=AttentionOptions())
     assert backends.select_backend("AUTO", request).name == "CUTLASS_FBGEMM"
     sla = backends.AttentionRequest(dtype=torch.bfloat16, device_type="cuda", head_dim_qk=128, head_dim_v=128,
                                     options=AttentionOptions(sla_k1=4))
     assert backends.select_backend("AUTO", sla).name == "TRITON"
-    fp32 = backends.AttentionRequest(dtype=torch.float32, device_type="cuda", head_dim_qk=128, head_dim_v=128)
+    fp32 = backends.AttentionRequest(dtype=torch.float32, device_type="cuda", head_dim_qk=128, head_dim_v=128,
+                                          options=AttentionOptions())
     assert backends.select_backend("AUTO", fp32).name == "TRITON"
 
 
@@ -208,12 +212,50 @@ def test_aoti_round_trip_of_a_cutlass_model(tmp_path):
     model = Wrapped(layer)
     with torch.no_grad():
         want = model(x, offsets)
-        total, batch = Dim("total", min=2, max=1 << 16), Dim("batch", min=1, max=1024)
+        # Dynamic token count; the batch size stays static here (the model-level round trip in
+        # tests/export/test_export_gpu.py covers dynamic batches: a bare `batch + 1` offsets
+        # dimension tripped an inductor codegen assertion, s + 1 before s, on torch 2.11).
+        total = Dim("total", min=2, max=1 << 16)
         try:
-            ep = export(model, (x, offsets), dynamic_shapes=({0: total}, {0: batch + 1}), strict=False)
+            ep = export(model, (x, offsets), dynamic_shapes=({0: total}, None), strict=False)
         except Exception as err:  # the whole chain in the log: this runs only on the device
             raise AssertionError(f"export failed: {err!r}"[:4000]) from err
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "cutlass.pt2"))
-        loaded = torch._inductor.aoti_load_package(path)
-        got = loaded(x, offsets)
-    assert rel_l2(got, want) < 1e-2
+        # (autocast puts the layer in a submodule of the exported graph)
+        calls = [str(n.target) for gm in ep.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+                 for n in gm.graph.nodes if "cutlass" in str(n.target)]
+        assert calls == ["torchrec_hstu.cutlass_hstu_fwd.default"]
+        # Our exporter's link settings: a package linked by inductor's own command crashes when
+        # loaded on this toolchain (exporter.default_inductor_configs; seen here too, 2026-12-02).
+        from torchrec_hstu.export.exporter import default_inductor_configs
+
+        configs = {**default_inductor_configs("cuda"), "aot_inductor.debug_compile": True}
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "cutlass.pt2"),
+                                                        inductor_configs=configs)
+    # Loaded and run in a fresh process, as a server would (a crash there is a return code here).
+    torch.save((x.cpu(), offsets.cpu()), tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch\n"
+        "import torchrec_hstu.ops.cutlass  # registers torchrec_hstu::cutlass_hstu_fwd\n"
+        "x, offsets = torch.load(sys.argv[2])\n"
+        "loaded = torch._inductor.aoti_load_package(sys.argv[1])\n"
+        "torch.save(loaded(x.cuda(), offsets.cuda()).cpu(), sys.argv[3])\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script, path, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, f"loading the package exited {ran.returncode}:\n{ran.stderr[-4000:]}"
+    got = torch.load(tmp_path / "out.pt")
+    assert rel_l2(got, want.cpu()) < 1e-2
+
+
+def test_opcheck_of_the_cutlass_export_op():
+    from torchrec_hstu.ops import cutlass
+
+    q, k, v, offsets = make_batch([200, 1, 77], 2, 128, seed=3)
+    targets = torch.tensor([3, 1, 5], device=CUDA)
+    args = (q, k, v, offsets, targets, 256, 0.1, *AttentionOptions().to_op_args())
+    torch.library.opcheck(torch.ops.torchrec_hstu.cutlass_hstu_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    want = pytorch_hstu_attention(q.double(), k.double(), v.double(), offsets, 256, 0.1, AttentionOptions(),
+                                  targets)
+    assert cutlass.EXPORT_OP_NAME == "torchrec_hstu::cutlass_hstu_fwd"
+    assert rel_l2(torch.ops.torchrec_hstu.cutlass_hstu_fwd(*args), want) < BF16_REL_L2

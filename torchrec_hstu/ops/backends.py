@@ -109,7 +109,9 @@ class AttentionRequest:
     device_type: str
     head_dim_qk: int
     head_dim_v: int
-    options: AttentionOptions = AttentionOptions()
+    # No default instance: torch 2.11's dynamo cannot wrap a dataclass field's default object
+    # and broke the compiled graph at every attention call (H200, 2026-12-02).
+    options: AttentionOptions
     has_targets: bool = False
     dropout: bool = False
     needs_grad: bool = False

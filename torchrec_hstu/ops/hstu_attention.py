@@ -38,7 +38,8 @@ def resolve_kernel(
     kernel = to_kernel(kernel)
     if kernel != HSTUKernel.AUTO:
         return kernel
-    request = AttentionRequest(dtype=dtype, device_type=device.type, head_dim_qk=64, head_dim_v=64)
+    request = AttentionRequest(dtype=dtype, device_type=device.type, head_dim_qk=64, head_dim_v=64,
+                               options=AttentionOptions())
     return select_backend(kernel, request).kernel
 
 
