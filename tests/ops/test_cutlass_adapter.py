@@ -267,3 +267,20 @@ def test_sla_func_tensor_equals_sla_mask(batch):
             got = decode_func_mask(func, n, int(offsets[b]))
             for h in range(2):
                 assert torch.equal(got[h], want[b, :n, :n])
+
+
+class _CutlassAttention(torch.nn.Module):
+    def forward(self, q, k, v, offsets, num_targets):
+        return cutlass_hstu_attention(q, k, v, offsets, 30, 0.25, AttentionOptions(), num_targets)
+
+
+def test_export_holds_one_opaque_cutlass_op_that_refuses_off_cuda(wheel):
+    record = wheel("fork")
+    q, k, v, offsets = (t.detach() for t in inputs(LENGTHS))
+    exported = torch.export.export(_CutlassAttention(), (q, k, v, offsets, TARGETS), strict=False)
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets == ["torchrec_hstu.cutlass_hstu_fwd.default"]
+    assert record == []  # the wheel runs when the package runs, not while tracing
+    with pytest.raises(RuntimeError, match="runs on CUDA with a CUTLASS HSTU wheel"):
+        exported.module()(q, k, v, offsets, TARGETS)
+

@@ -27,8 +27,10 @@ for ``hstu`` first, then FBGEMM's.
 Every argument is passed by keyword, only if the signature has it; a feature the installed
 wheel lacks (``quant_mode`` for FP8, ``func`` for SLA, ``scaling_seqlen`` other than
 ``max_seq_len``) is refused, never dropped. The wheel is never required: without it
-:func:`cutlass_hstu_attention` raises. The FP8 arch gate lives in the dispatcher
-(:func:`torchrec_hstu.ops.fp8.dispatch.fp8_hstu_attention`), not here.
+:func:`cutlass_hstu_attention` raises. The FP8 arch gate lives in the backend table
+(:func:`torchrec_hstu.ops.backends.run_attention`), not here. Under ``torch.export`` the call
+is one opaque op, ``torchrec_hstu::cutlass_hstu_fwd``, that runs the wheel when the package
+runs.
 
 Mask mapping (as TorchEasyRec does): causal -> ``window_size=(-1, 0)``; ``max_attn_len=W`` ->
 ``(W, 0)``; not causal -> ``(-1, -1)``; ``contextual_seq_len`` -> ``num_contexts`` (int32
@@ -49,6 +51,7 @@ from typing import Any, Callable, Dict, Optional, Set
 import torch
 
 from torchrec_hstu.ops.common import AttentionOptions
+from torchrec_hstu.ops.custom_ops import define_attention_op
 from torchrec_hstu.ops.fp8.quantize import quantize_per_tensor
 from torchrec_hstu.ops.jagged import jagged_token_positions
 
@@ -106,52 +109,8 @@ def find_cutlass_wheel() -> Optional[CutlassWheel]:
         return CutlassWheel(flavor, fn)
     module = _import("fbgemm_gpu.experimental.hstu")
     if module is not None and hasattr(module, "hstu_attn_varlen_func"):
-        _register_fbgemm_fakes()
         return CutlassWheel("fbgemm", module.hstu_attn_varlen_func)
     return None
-
-
-_FBGEMM_FORWARD_OPS = ("hstu_varlen_fwd_90", "hstu_varlen_fwd_80")
-_REGISTER_FAKE = compile(
-    "torch.library.register_fake(qualname)(fake)", "<torchrec_hstu: fakes of FBGEMM's CUTLASS ops>", "exec"
-)
-_fakes_registered = False
-
-
-def _register_fbgemm_fakes() -> None:
-    """Fake (meta) implementations of FBGEMM's forward ops, which the wheel does not ship, so
-    ``torch.export`` can trace a CUTLASS model; recorded with the wheel's module so an exported
-    package imports it before loading (:data:`~torchrec_hstu.ops.custom_ops.OP_MODULES`)."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
-    from torchrec_hstu.ops.custom_ops import OP_MODULES
-
-    for name in _FBGEMM_FORWARD_OPS:
-        packet = getattr(torch.ops.fbgemm, name, None) if hasattr(torch.ops, "fbgemm") else None
-        if packet is None:
-            continue
-        try:
-            schema = packet.default._schema
-        except (AttributeError, RuntimeError):
-            continue
-        # (out, rab_padded): out has q's rows and heads and v's head dim; FP8 inputs give bf16.
-        rab_optional = len(schema.returns) > 1 and "?" in str(schema.returns[1].type)
-
-        def fake(q, k, v, *args, _rab_optional=rab_optional):
-            dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
-            out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]), dtype=dtype)
-            return out, (None if _rab_optional else q.new_empty((0,), dtype=dtype))
-
-        try:
-            # The wheel's C++ library names a Python module for its fakes (set_python_module)
-            # that the wheel does not ship, and torch checks the registering module against it;
-            # code with no module (compiled here) is not checked.
-            exec(_REGISTER_FAKE, {"torch": torch, "qualname": f"fbgemm::{name}", "fake": fake})
-        except RuntimeError as err:  # the wheel (or an earlier import) has one already
-            logger.debug("fbgemm::%s keeps its fake: %s", name, err)
-        OP_MODULES[f"fbgemm::{name}"] = "fbgemm_gpu.experimental.hstu"
 
 
 def load_hstu_attn_varlen_func() -> Optional[Callable[..., torch.Tensor]]:
@@ -384,10 +343,72 @@ def cutlass_hstu_attention(
     """
     wheel = _require_wheel()
     _check_options(q, v, options, num_targets)
+    if torch.compiler.is_exporting():
+        # The wheels' ops take max_seqlen as a plain int (an exported batch's maximum length is
+        # symbolic) and an AOTI package calling them directly crashed loading on the H200; the
+        # exported graph holds one opaque op of ours instead, which calls the wheel at run time.
+        return _cutlass_hstu_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options)
+    return _run_wheel(wheel, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
+
+
+def _run_wheel(
+    wheel: CutlassWheel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    options: AttentionOptions,
+    num_targets: Optional[torch.Tensor],
+) -> torch.Tensor:
     kwargs = cutlass_call_kwargs(wheel.fn, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
     out = wheel.fn(**kwargs)
     out = out if out.dtype == q.dtype else out.to(q.dtype)
     return _rescale(out, wheel, options, max_seq_len)
+
+
+def _export_op_on_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor],
+    max_seq_len: int,
+    alpha: float,
+    options: AttentionOptions,
+) -> torch.Tensor:
+    # Straight to the wheel: AOTInductor may run the op while it compiles, still exporting.
+    wheel = _require_wheel()
+    _check_options(q, v, options, num_targets)
+    with torch.no_grad():
+        return _run_wheel(wheel, q, k, v, seq_offsets, max_seq_len, alpha, options, num_targets)
+
+
+def _export_op_elsewhere(q: torch.Tensor, *args: Any) -> torch.Tensor:
+    # A package exported with kernel=CUTLASS runs that kernel or refuses (never another kernel).
+    raise RuntimeError(
+        f"{EXPORT_OP_NAME} (a model exported with kernel=CUTLASS) runs on CUDA with a CUTLASS HSTU wheel; "
+        f"got {q.device.type} tensors (export with kernel=TRITON or PYTORCH to serve elsewhere)"
+    )
+
+
+def _export_op_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any
+) -> torch.Tensor:
+    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+#: The CUTLASS forward as one opaque op in exported graphs (inference only: no autograd).
+EXPORT_OP_NAME = "torchrec_hstu::cutlass_hstu_fwd"
+_cutlass_hstu_fwd = define_attention_op(
+    EXPORT_OP_NAME,
+    ("Tensor q", "Tensor k", "Tensor v", "Tensor seq_offsets", "Tensor? num_targets"),
+    impl=_export_op_elsewhere,
+    fake=_export_op_fake,
+    cuda_impl=_export_op_on_cuda,
+    module=__name__,
+)
 
 
 def _require_wheel() -> CutlassWheel:

@@ -6,7 +6,7 @@ data; traced op by op they would raise data-dependent guard errors or leave unba
 the graph. Inside one custom op with a fake impl (``v.new_empty([L, H, Dv])``) the exported
 graph holds a single node per attention call.
 
-:func:`torchrec_hstu.ops.fp8.dispatch.fp8_hstu_attention` calls it only under
+:func:`torchrec_hstu.ops.hstu_attention.hstu_attention` calls it only under
 ``torch.compiler.is_exporting()``; eager training and evaluation never do (autograd stays on
 the direct path). The op has no autograd formula: it is for inference graphs.
 
@@ -14,9 +14,9 @@ The op carries the kernel the model was exported with (``kernel``: the resolved
 :class:`~torchrec_hstu.ops.common.HSTUKernel` name). Implementations (notes decisions 4 and 8):
 on CPU (and any non-CUDA device) every kernel's FP8 definition is computed by the exact
 emulation, so a model exported for a GPU kernel still runs on a CPU; on CUDA the op runs exactly
-the recorded kernel through :func:`~torchrec_hstu.ops.fp8.dispatch.run_fp8_kernel`, the eager
-half of the dispatcher (PYTORCH -> the emulation, TRITON -> the Triton FP8 kernel, CUTLASS ->
-the wheel) and, where that kernel cannot run (no Triton, no wheel, a GPU below its FP8 gate),
+the recorded kernel through the backend table (:func:`~torchrec_hstu.ops.backends.select_backend`
+and :func:`~torchrec_hstu.ops.backends.run_attention`: PYTORCH -> the emulation, TRITON -> the
+Triton FP8 kernel, CUTLASS -> the wheel) and, where that kernel cannot run (no Triton, no wheel, a GPU below its FP8 gate),
 raises the dispatcher's error naming kernel and mode instead of falling back to another kernel.
 The choice is logged once per device.
 """
