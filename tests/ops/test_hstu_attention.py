@@ -6,6 +6,7 @@ SLA intervals). It shares no code with ``torchrec_hstu.ops.masks`` or the groupe
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -381,6 +382,57 @@ def test_bad_inputs_raise_value_error_naming_the_argument(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         hstu_mha(**args)
+
+
+def _count_tolist(monkeypatch):
+    """Value reads of the input check (the PYTORCH kernel's own length grouping is not counted)."""
+    calls = []
+    original = torch.Tensor.tolist
+
+    def tolist(self):
+        if sys._getframe(1).f_code.co_filename.endswith("torchrec_hstu/ops/common.py"):
+            calls.append(self.numel())
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return calls
+
+
+def test_values_are_read_once_per_batch_across_layer_calls(monkeypatch):
+    """GR's models call hstu_mha per layer with one batch's tensors: one value read in all."""
+    args = _good()
+    targets = torch.tensor([1, 2])
+    reads = _count_tolist(monkeypatch)
+    for _ in range(3):
+        hstu_mha(**args, num_targets=targets)
+    assert len(reads) == 1
+    hstu_mha(**args, num_targets=targets.clone())  # another tensor: checked again
+    hstu_mha(**{**args, "max_seq_len": 5}, num_targets=targets)  # another bound: checked again
+    assert len(reads) == 3
+
+
+@pytest.mark.parametrize("which", ["seq_offsets", "num_targets"])
+def test_a_checked_batch_changed_in_place_is_checked_again(which):
+    args = _good()
+    targets = torch.tensor([1, 2])
+    hstu_mha(**args, num_targets=targets)
+    if which == "seq_offsets":
+        args["seq_offsets"][1:2].fill_(7)  # through a view: the version counter is shared
+        match = "seq_offsets must be non-decreasing"
+    else:
+        targets[0] = 3
+        match = r"num_targets must be in \[0, sequence length\]"
+    with pytest.raises(ValueError, match=match):
+        hstu_mha(**args, num_targets=targets)
+
+
+def test_inference_tensors_are_checked_every_call(monkeypatch):
+    with torch.inference_mode():
+        args = _good()
+        reads = _count_tolist(monkeypatch)
+        hstu_mha(**args)
+        hstu_mha(**args)
+    assert len(reads) == 2
 
 
 def test_explicit_kernel_is_refused_not_swapped():

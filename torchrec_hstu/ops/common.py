@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import logging
+import weakref
 from enum import Enum, unique
 from typing import Any, Optional, Sequence, Tuple
 
@@ -210,8 +211,10 @@ def check_attention_inputs(
 
     Shapes, dtypes and devices are always checked (free). With ``check_values`` (and not
     tracing) the values are checked too (offsets, lengths vs ``max_seq_len``, ``num_targets``
-    range) through :func:`check_jagged_batch_sync`: one host sync. Modules check values once per
-    batch at their edge and pass ``check_values=False`` to every layer.
+    range) through :func:`check_jagged_batch_sync`: one host sync, skipped when the very same
+    unchanged tensors passed last time (:func:`_values_checked_before`: per-layer calls of one
+    batch read it once). Modules check values once per batch at their edge and pass
+    ``check_values=False`` to every layer.
     """
     if not isinstance(max_seq_len, (int, torch.SymInt)) or (
         isinstance(max_seq_len, int) and max_seq_len <= 0
@@ -239,8 +242,49 @@ def check_attention_inputs(
         raise ValueError(f"dropout_pr must be in [0, 1); got {dropout_pr}")
     check_seq_offsets(seq_offsets, q.shape[0], check_values=False)
     check_num_targets(num_targets, seq_offsets.numel() - 1, q.device)
-    if check_values:
-        check_jagged_batch_sync(seq_offsets, q.shape[0], max_seq_len, num_targets)
+    if check_values and not _values_checked_before(seq_offsets, q.shape[0], max_seq_len, num_targets):
+        facts = check_jagged_batch_sync(seq_offsets, q.shape[0], max_seq_len, num_targets)
+        if facts is not None:
+            _remember_checked(seq_offsets, q.shape[0], max_seq_len, num_targets)
+
+
+#: The last batch whose values passed the public entry's check: weak references to its tensors
+#: and its key (see :func:`_values_checked_before`).
+_last_checked: Optional[Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = None
+
+
+def _batch_key(seq_offsets: torch.Tensor, total_len: int, max_seq_len: Any,
+               num_targets: Optional[torch.Tensor]) -> Optional[Tuple[Any, ...]]:
+    tensors = (seq_offsets,) if num_targets is None else (seq_offsets, num_targets)
+    if not isinstance(max_seq_len, int) or any(t.is_inference() for t in tensors):
+        return None  # inference tensors have no version counter
+    return (total_len, max_seq_len, tuple((id(t), t._version) for t in tensors))
+
+
+def _values_checked_before(seq_offsets: torch.Tensor, total_len: int, max_seq_len: Any,
+                           num_targets: Optional[torch.Tensor]) -> bool:
+    """Whether these very tensors, unchanged, passed the value check last time.
+
+    generative-recommenders' models call ``hstu_mha`` once per layer with the same
+    ``seq_offsets`` / ``num_targets``: their values are read once per batch, not per layer. The
+    batch is recognised by its tensors themselves (while the weak references are alive no other
+    tensor has their ids) and their version counters (an in-place write through any view bumps
+    them), with the sizes the check depends on.
+    """
+    if _last_checked is None:
+        return False
+    refs, key = _last_checked
+    return all(ref() is not None for ref in refs) and key == _batch_key(
+        seq_offsets, total_len, max_seq_len, num_targets
+    )
+
+
+def _remember_checked(seq_offsets: torch.Tensor, total_len: int, max_seq_len: Any,
+                      num_targets: Optional[torch.Tensor]) -> None:
+    global _last_checked
+    key = _batch_key(seq_offsets, total_len, max_seq_len, num_targets)
+    tensors = (seq_offsets,) if num_targets is None else (seq_offsets, num_targets)
+    _last_checked = None if key is None else (tuple(weakref.ref(t) for t in tensors), key)
 
 
 def check_num_targets(num_targets: Optional[torch.Tensor], batch_size: int, device: torch.device) -> None:
