@@ -166,3 +166,25 @@ def test_module_level_channel_name_errors():
         MultiChannelHSTU([])
     single = MultiChannelHSTU([("", transducer())])
     assert single.channel_names == ["uih"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("num_heads", 0), ("attention_dim", 0), ("output_dropout_ratio", 1.5), ("contextual_seq_len", -3),
+     ("attn_alpha", -0.5), ("scaling_seqlen", 0), ("fp8_quant_mode", 9)],
+)
+def test_config_and_layer_config_say_the_same_rule(field, value):
+    """One rule, two callers: the layer config's ValueError and config validation's ConfigError
+    (which adds the field's path) carry the same text."""
+    from torchrec_hstu.config.kwargs import config_to_kwargs
+    from torchrec_hstu.config.validation import validate_stu
+    from torchrec_hstu.modules.stu import STULayerConfig
+
+    message = text_format.Parse((STU % "")[len("stu {"):-1], hstu_pb2.STU())
+    setattr(message, field, value)
+    with pytest.raises(ConfigError) as from_config:
+        validate_stu(message, path="stu")
+    good = config_to_kwargs(text_format.Parse((STU % "")[len("stu {"):-1], hstu_pb2.STU()))
+    with pytest.raises(ValueError) as from_layer:
+        STULayerConfig(**{**good, field: value})
+    assert str(from_config.value) == f"stu.{from_layer.value}"

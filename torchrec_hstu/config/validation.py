@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from torchrec_hstu.config import hstu_pb2
 from torchrec_hstu.config.kwargs import shortest_float32
 from torchrec_hstu.ops.backends import kernel_supports
-from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, to_kernel
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, check_stu_dims, to_kernel
 
 __all__ = [
     "ConfigError",
@@ -97,20 +97,12 @@ def validate_stu(stu: hstu_pb2.STU, path: str = "stu", kernel: Optional[KernelLi
         ConfigError: naming the field and its value.
     """
     _check_required(stu, path)
-    for name in ("embedding_dim", "num_heads", "hidden_dim", "attention_dim"):
-        _positive(stu, name, path)
-    _ratio(stu, "output_dropout_ratio", path)
-    if stu.attn_alpha < 0:
-        raise _fail(
-            f"{path}.attn_alpha", "must be >= 0 (0: 1/sqrt(attention_dim))", shortest_float32(stu.attn_alpha)
-        )
-    if stu.contextual_seq_len < -1:
-        raise _fail(
-            f"{path}.contextual_seq_len", "must be >= 0 or -1 (the preprocessor's)", stu.contextual_seq_len
-        )
-    # The attention rules (scaling_seqlen, fp8_quant_mode, SLA vs window) live in
-    # AttentionOptions alone; their ValueError comes back here with the field's path.
+    # The layer's rules live in check_stu_dims and AttentionOptions alone (STULayerConfig asks
+    # them too); their ValueError comes back here with the field's path.
     try:
+        check_stu_dims(stu.embedding_dim, stu.num_heads, stu.hidden_dim, stu.attention_dim,
+                       shortest_float32(stu.output_dropout_ratio), stu.contextual_seq_len,
+                       shortest_float32(stu.attn_alpha))
         options = AttentionOptions(
             max_attn_len=max(stu.max_attn_len, 0),
             contextual_seq_len=max(stu.contextual_seq_len, 0),

@@ -32,6 +32,7 @@ from torchrec_hstu.ops.common import (
     HSTUKernel,
     JaggedBatchFacts,
     check_jagged_batch_sync,
+    check_stu_dims,
     to_kernel,
 )
 from torchrec_hstu.ops.delta_attention import delta_hstu_attention
@@ -82,16 +83,8 @@ class STULayerConfig:
     fp8_quant_mode: int = -1
 
     def __post_init__(self) -> None:
-        for name in ("embedding_dim", "num_heads", "hidden_dim", "attention_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if not 0.0 <= self.output_dropout_ratio < 1.0:
-            raise ValueError(f"output_dropout_ratio must be in [0, 1); got {self.output_dropout_ratio}")
-        if self.contextual_seq_len < -1:
-            raise ValueError(f"contextual_seq_len must be >= 0 or -1 (unset); got {self.contextual_seq_len}")
-        if self.attn_alpha is not None and self.attn_alpha < 0:
-            raise ValueError(f"attn_alpha must be >= 0 (0: 1/sqrt(attention_dim)); got {self.attn_alpha}")
+        check_stu_dims(self.embedding_dim, self.num_heads, self.hidden_dim, self.attention_dim,
+                       self.output_dropout_ratio, self.contextual_seq_len, self.attn_alpha)
         self.attention_options()  # the attention rules live in AttentionOptions (raises ValueError)
 
     @property

@@ -287,6 +287,37 @@ def _remember_checked(seq_offsets: torch.Tensor, total_len: int, max_seq_len: An
     _last_checked = None if key is None else (tuple(weakref.ref(t) for t in tensors), key)
 
 
+def check_stu_dims(
+    embedding_dim: int,
+    num_heads: int,
+    hidden_dim: int,
+    attention_dim: int,
+    output_dropout_ratio: float,
+    contextual_seq_len: int,
+    attn_alpha: Optional[float],
+) -> None:
+    """The structural rules of one STU layer, beside the attention rules of
+    :class:`AttentionOptions`: the one place both ``STULayerConfig`` and config validation ask
+    (validation re-raises the ``ValueError``, whose text starts with the field name, with the
+    field's path).
+
+    Raises:
+        ValueError: ``"<field> must be ...; got <value>"``.
+    """
+    for name, value in (("embedding_dim", embedding_dim), ("num_heads", num_heads),
+                        ("hidden_dim", hidden_dim), ("attention_dim", attention_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    if not 0.0 <= output_dropout_ratio < 1.0:
+        raise ValueError(f"output_dropout_ratio must be in [0, 1); got {output_dropout_ratio!r}")
+    if contextual_seq_len < -1:
+        raise ValueError(
+            f"contextual_seq_len must be >= 0 or -1 (the transducer's prefix); got {contextual_seq_len!r}"
+        )
+    if attn_alpha is not None and attn_alpha < 0:
+        raise ValueError(f"attn_alpha must be >= 0 (0: 1/sqrt(attention_dim)); got {attn_alpha!r}")
+
+
 def check_num_targets(num_targets: Optional[torch.Tensor], batch_size: int, device: torch.device) -> None:
     """Shape, dtype and device of ``num_targets: [B]`` (free; values are checked at the edge)."""
     if num_targets is None:
