@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-negatives", type=int, default=256, help="shared sampled negatives per batch")
     g.add_argument("--negatives", default="uniform", choices=NEGATIVE_STRATEGIES)
     g.add_argument("--temperature", type=float, default=0.05)
+    g.add_argument("--shift-inputs", action=argparse.BooleanOptionalAction, default=False,
+                   help="train on each sequence without its last item, so every position the model reads is "
+                        "supervised, including the last one, which evaluation scores from")
     g.add_argument("--eval-batch-size", type=int, default=512)
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     g.add_argument("--seed", type=int, default=0, help="seed of the model, the training order and the synthetic data")
@@ -320,7 +323,7 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
     if device.type == "cuda":
         # No fbgemm CUDA ops needed: the item table stays on CPU, HSTU runs on the GPU.
         model.place(device)
-    train_module = HSTURetrievalTrain(model, temperature=args.temperature)
+    train_module = HSTURetrievalTrain(model, temperature=args.temperature, shift_inputs=args.shift_inputs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model_name = MODEL_NAMES[args.model]
     if isinstance(model, HSTURetrieval):

@@ -1,7 +1,6 @@
 """examples/train_retrieval.py with --model hstu,sasrec, --loss full, --eval-split valid, --recipe and --merge."""
 
 import importlib.util
-import json
 import os
 
 import pytest
@@ -35,7 +34,8 @@ def test_two_models_one_table_and_merge(retrieval, tmp_path):
     merged = retrieval.main(["--merge", f"{tmp_path / 'hstu' / 'seeds_summary.json'},{tmp_path / 'sasrec' / 'seeds_summary.json'}",
                              "--output-dir", str(tmp_path / "merged"), "--results-dir", str(tmp_path / "results")])
     assert merged["summary"]["rows"] == rows
-    assert os.listdir(tmp_path / "results") and sorted(os.listdir(tmp_path / "results"))[0].endswith("-retrieval-synthetic-valid-1seeds.json")
+    written = sorted(os.listdir(tmp_path / "results"))
+    assert written and written[0].endswith("-retrieval-synthetic-valid-1seeds.json")
     with open(tmp_path / "merged" / "seeds_summary.md") as f:
         text = f.read()
     assert "| SASRec |" in text and "HSTU vs SASRec" in text
@@ -53,3 +53,13 @@ def test_learning_rate_schedule(retrieval):
     lrs = [retrieval.learning_rate(args, step, 12) for step in range(12)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == pytest.approx(1.0) and lrs[-1] < 0.05
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_shift_inputs_flag_reaches_the_loss_and_can_be_turned_off(retrieval, tmp_path):
+    out = retrieval.main(TINY + ["--model", "hstu,sasrec", "--loss", "full", "--shift-inputs", "--seeds", "0",
+                                 "--output-dir", str(tmp_path / "shifted")])
+    assert all(r["args"]["shift_inputs"] for r in out["runs"])
+    assert all(r["history"][-1]["loss"] > 0 for r in out["runs"])
+    parser = retrieval.build_parser()
+    parser.set_defaults(shift_inputs=True)  # as a recipe would
+    assert parser.parse_args(["--no-shift-inputs"]).shift_inputs is False

@@ -398,6 +398,31 @@ class HSTURetrieval(SequentialRetrieval):
         return out.full_embeddings.values(), embeddings, extra
 
 
+def drop_last_tokens(
+    item_ids: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split each sequence into model inputs (all tokens but the last) and next-item targets
+    (all tokens but the first); sequences shorter than two tokens are dropped.
+
+    Args:
+        item_ids: ``[L]`` int64 ids.
+        lengths: ``[B]``.
+        timestamps: ``[L]``.
+
+    Returns:
+        ``(input_ids [L'], input_lengths [B'], input_timestamps [L'], targets [L'])`` where
+        ``targets[k]`` is the item that follows ``input_ids[k]`` in its sequence.
+    """
+    lengths = lengths.to(device=item_ids.device, dtype=torch.int64)
+    offsets = lengths_to_offsets(lengths)
+    batch_ids, positions = jagged_token_positions(offsets, item_ids.shape[0])
+    kept = lengths >= 2
+    in_kept = kept[batch_ids]
+    is_input = in_kept & (positions < lengths[batch_ids] - 1)
+    is_target = in_kept & (positions >= 1)
+    return item_ids[is_input], lengths[kept] - 1, timestamps.to(item_ids.device)[is_input], item_ids[is_target]
+
+
 class HSTURetrievalTrain(nn.Module):
     """Next-item softmax loss around a :class:`SequentialRetrieval` model (HSTU or SASRec;
     wrap this in DMP).
@@ -411,9 +436,16 @@ class HSTURetrievalTrain(nn.Module):
     ``negative_ids`` the softmax runs over the full catalogue (every other item is a negative;
     feasible for small catalogues such as MovieLens').
 
+    With ``shift_inputs`` the model reads each sequence without its last item and every
+    position it reads is supervised (SASRec's and GR's input/target shift). Without it the model
+    reads the whole sequence and its last position predicts nothing, so the position that
+    evaluation scores from (the last one: reversed position 1 in HSTU, the last slot in SASRec)
+    is never trained as a query.
+
     Args:
         model: the retrieval model.
         temperature: softmax temperature (GR: 0.05).
+        shift_inputs: train on inputs without each sequence's last item (see above).
 
     Example::
 
@@ -425,12 +457,13 @@ class HSTURetrievalTrain(nn.Module):
         0
     """
 
-    def __init__(self, model: SequentialRetrieval, temperature: float = 0.05) -> None:
+    def __init__(self, model: SequentialRetrieval, temperature: float = 0.05, shift_inputs: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {temperature}")
         self.model = model
         self.temperature = temperature
+        self.shift_inputs = shift_inputs
 
     def forward(
         self,
@@ -454,6 +487,8 @@ class HSTURetrievalTrain(nn.Module):
         Returns:
             Scalar mean loss over supervised positions (0 if there are none).
         """
+        if self.shift_inputs:
+            return self.shifted_loss(item_ids, lengths, timestamps, max_seq_len, negative_ids, negative_log_q)
         if negative_ids is None:
             return self.full_softmax(item_ids, lengths, timestamps, max_seq_len)
         outputs, inputs, negatives = self.model.encode(
@@ -472,6 +507,45 @@ class HSTURetrievalTrain(nn.Module):
         if negative_log_q is not None:
             neg_logits = neg_logits - negative_log_q.to(device).unsqueeze(0)
         targets = item_ids.to(device)[supervised + 1]
+        hit = targets.unsqueeze(1) == negative_ids.to(device).unsqueeze(0)
+        neg_logits = neg_logits.masked_fill(hit, float("-inf"))
+        logits = torch.cat([pos_logits, neg_logits], dim=1)
+        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64, device=device))
+
+    def shifted_loss(
+        self,
+        item_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        timestamps: torch.Tensor,
+        max_seq_len: int,
+        negative_ids: Optional[torch.Tensor],
+        negative_log_q: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """The loss with ``shift_inputs``: the model reads each sequence minus its last item and
+        every position predicts the item after it (full or sampled softmax as in
+        :meth:`forward`); targets and negatives go through the same collection call."""
+        inputs, input_lengths, input_timestamps, targets = drop_last_tokens(item_ids, lengths, timestamps)
+        if targets.numel() == 0:
+            return next(self.model.parameters()).sum() * 0.0
+        if negative_ids is None:
+            extra_ids = torch.arange(self.model.num_items, dtype=torch.int64, device=item_ids.device)
+        else:
+            extra_ids = torch.cat([targets, negative_ids.to(targets.device)])
+        outputs, _, extra = self.model.encode(
+            inputs, input_lengths, input_timestamps, max(max_seq_len - 1, 1), extra_ids=extra_ids
+        )
+        assert extra is not None
+        device = outputs.device
+        targets = targets.to(device)
+        if negative_ids is None:
+            logits = outputs @ F.normalize(extra, dim=-1, eps=1e-6).t() / self.temperature
+            return F.cross_entropy(logits, targets)
+        extra = F.normalize(extra.to(device), dim=-1, eps=1e-6)
+        positives, negatives = extra[: targets.shape[0]], extra[targets.shape[0]:]
+        pos_logits = (outputs * positives).sum(-1, keepdim=True) / self.temperature
+        neg_logits = outputs @ negatives.t() / self.temperature
+        if negative_log_q is not None:
+            neg_logits = neg_logits - negative_log_q.to(device).unsqueeze(0)
         hit = targets.unsqueeze(1) == negative_ids.to(device).unsqueeze(0)
         neg_logits = neg_logits.masked_fill(hit, float("-inf"))
         logits = torch.cat([pos_logits, neg_logits], dim=1)
