@@ -45,6 +45,7 @@ def test_recipe_sets_defaults_and_flags_win(retrieval):
     args = retrieval.model_args(["--recipe", "ml-100k", "--dropout", "0.5"], "hstu", "ml-100k")
     recipe = retrieval.RECIPES["ml-100k"]["hstu"]
     assert args.loss == recipe["loss"] and args.epochs == recipe["epochs"] and args.dropout == 0.5
+    assert args.shift_inputs and not retrieval.model_args(["--no-shift-inputs"], "hstu", "ml-100k").shift_inputs
     assert retrieval.model_args(["--recipe", "ml-100k"], "sasrec", "ml-100k").model == "sasrec"
 
 
