@@ -103,7 +103,7 @@ RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
         # 24, 27, 30) of 30-epoch runs; HSTU adds the gap-to-previous-interaction embedding
         # beside GR's time buckets (--no-time-encoding drops those: no measurable difference).
         "hstu": dict(_ML100K_COMMON, attention_dim=50, hidden_dim=50, num_gap_buckets=32),
-        "sasrec": dict(_ML100K_COMMON, embedding_dim=64),
+        "sasrec": dict(_ML100K_COMMON, embedding_dim=64, lr=4e-3),
     },
 }
 
