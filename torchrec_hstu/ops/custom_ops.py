@@ -23,6 +23,15 @@ OPTION_SCHEMA: str = ", ".join(
 )
 NUM_OPTION_ARGS = len(dataclasses.fields(AttentionOptions))
 
+#: Leading tensor arguments of every attention forward op (a backward op takes ``dout`` first).
+ATTENTION_TENSORS = ("Tensor q", "Tensor k", "Tensor v", "Tensor seq_offsets", "Tensor? num_targets")
+
+
+def attention_output_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any) -> torch.Tensor:
+    """The fake of every attention forward op: ``[L, H, Dv]`` in the dtype of ``v``."""
+    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
 #: Python modules that define custom ops, recorded as they register (an exported program needs
 #: them imported before it loads).
 OP_MODULES: Dict[str, str] = {}

@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, Optional, Set
 import torch
 
 from torchrec_hstu.ops.common import AttentionOptions
-from torchrec_hstu.ops.custom_ops import define_attention_op
+from torchrec_hstu.ops.custom_ops import ATTENTION_TENSORS, attention_output_fake, define_attention_op
 from torchrec_hstu.ops.fp8.quantize import quantize_per_tensor
 from torchrec_hstu.ops.jagged import jagged_token_positions
 
@@ -102,7 +102,7 @@ def find_cutlass_wheel() -> Optional[CutlassWheel]:
     placed on ``sys.modules`` is picked up)."""
     module = _import("hstu")
     if module is not None and hasattr(module, "hstu_attn_varlen_func"):
-        # Registers the wheel's op schemas (needed to load AOTI packages); optional.
+        # Registers the wheel's op schemas where the wheel ships them apart; optional.
         _import("hstu.hstu_ops_gpu")
         fn = module.hstu_attn_varlen_func
         flavor = "fork" if "seqused_q" in inspect.signature(fn).parameters else "legacy"
@@ -393,19 +393,13 @@ def _export_op_elsewhere(q: torch.Tensor, *args: Any) -> torch.Tensor:
     )
 
 
-def _export_op_fake(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any
-) -> torch.Tensor:
-    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-
-
 #: The CUTLASS forward as one opaque op in exported graphs (inference only: no autograd).
 EXPORT_OP_NAME = "torchrec_hstu::cutlass_hstu_fwd"
 _cutlass_hstu_fwd = define_attention_op(
     EXPORT_OP_NAME,
-    ("Tensor q", "Tensor k", "Tensor v", "Tensor seq_offsets", "Tensor? num_targets"),
+    ATTENTION_TENSORS,
     impl=_export_op_elsewhere,
-    fake=_export_op_fake,
+    fake=attention_output_fake,
     cuda_impl=_export_op_on_cuda,
     module=__name__,
 )

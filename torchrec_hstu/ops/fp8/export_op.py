@@ -28,7 +28,7 @@ import torch
 
 from torchrec_hstu.ops.backends import AttentionRequest, run_attention, select_backend
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, to_kernel
-from torchrec_hstu.ops.custom_ops import define_attention_op
+from torchrec_hstu.ops.custom_ops import ATTENTION_TENSORS, attention_output_fake, define_attention_op
 
 logger = logging.getLogger(__name__)
 
@@ -83,25 +83,11 @@ def _on_cuda(
     return out
 
 
-def _fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor],
-    max_seq_len: int,
-    alpha: float,
-    options: AttentionOptions,
-    kernel: str,
-) -> torch.Tensor:
-    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-
-
 _hstu_fp8_fwd = define_attention_op(
     OP_NAME,
-    ("Tensor q", "Tensor k", "Tensor v", "Tensor seq_offsets", "Tensor? num_targets"),
+    ATTENTION_TENSORS,
     impl=_emulated,
-    fake=_fake,
+    fake=attention_output_fake,
     trailing=("str kernel",),
     cuda_impl=_on_cuda,
     module=__name__,

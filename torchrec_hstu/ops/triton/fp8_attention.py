@@ -35,7 +35,12 @@ import triton
 import triton.language as tl
 
 from torchrec_hstu.ops.common import AttentionOptions
-from torchrec_hstu.ops.custom_ops import define_attention_op, register_attention_autograd
+from torchrec_hstu.ops.custom_ops import (
+    ATTENTION_TENSORS,
+    attention_output_fake,
+    define_attention_op,
+    register_attention_autograd,
+)
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
     fwd_tile_ranges,
@@ -48,7 +53,6 @@ from torchrec_hstu.ops.triton._common import (
     valid_mask,
 )
 from torchrec_hstu.ops.triton.hstu_attention import (
-    ATTENTION_TENSORS,
     GRADIENTS,
     KernelConfig,
     _backward_runner,
@@ -871,10 +875,6 @@ def _fp8_fwd_impl(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options
                    fp8_accumulation=fp8_accumulation)
 
 
-def _fp8_fwd_fake(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
-    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-
-
 def _fp8_bwd_impl(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
     """FP8 backward: ``(dq, dk, dv)`` in the dtype of ``q``."""
     mask = mask_args_of(options, num_targets is not None)
@@ -888,7 +888,7 @@ def _fp8_bwd_fake(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, o
 
 
 triton_hstu_fp8_attention_fwd = define_attention_op(
-    "torchrec_hstu::triton_hstu_fp8_attention_fwd", ATTENTION_TENSORS, _fp8_fwd_impl, _fp8_fwd_fake,
+    "torchrec_hstu::triton_hstu_fp8_attention_fwd", ATTENTION_TENSORS, _fp8_fwd_impl, attention_output_fake,
     trailing=("str fp8_accumulation",), module=__name__,
 )
 triton_hstu_fp8_attention_bwd = define_attention_op(

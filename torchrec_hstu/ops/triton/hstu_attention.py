@@ -31,7 +31,12 @@ import triton
 import triton.language as tl
 
 from torchrec_hstu.ops.common import AttentionOptions, is_tracing
-from torchrec_hstu.ops.custom_ops import define_attention_op, register_attention_autograd
+from torchrec_hstu.ops.custom_ops import (
+    ATTENTION_TENSORS,
+    attention_output_fake,
+    define_attention_op,
+    register_attention_autograd,
+)
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
     fwd_tile_ranges,
@@ -554,8 +559,6 @@ def hstu_bwd(
 # --------------------------------------------------------------------------------------
 
 
-#: Leading tensor arguments of the forward ops (the backward ops take ``dout`` first).
-ATTENTION_TENSORS = ("Tensor q", "Tensor k", "Tensor v", "Tensor seq_offsets", "Tensor? num_targets")
 GRADIENTS = "(Tensor, Tensor, Tensor)"
 
 
@@ -563,10 +566,6 @@ def _fwd_impl(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
     mask = mask_args_of(options, num_targets is not None)
     return hstu_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
                     options.resolve_scaling_seqlen(max_seq_len), mask)
-
-
-def _fwd_fake(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
-    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
 def _bwd_impl(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
@@ -581,7 +580,7 @@ def _bwd_fake(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, optio
 
 #: Forward op: ``out [L, H, Dv]`` (see :func:`triton_hstu_attention`).
 triton_hstu_attention_fwd = define_attention_op(
-    "torchrec_hstu::triton_hstu_attention_fwd", ATTENTION_TENSORS, _fwd_impl, _fwd_fake, module=__name__
+    "torchrec_hstu::triton_hstu_attention_fwd", ATTENTION_TENSORS, _fwd_impl, attention_output_fake, module=__name__
 )
 #: Backward op: ``(dq [L, H, Dqk], dk [L, H, Dqk], dv [L, H, Dv])``.
 triton_hstu_attention_bwd = define_attention_op(
