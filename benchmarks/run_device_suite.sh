@@ -4,7 +4,7 @@
 # off by default) and the CUDA predict latency (AOTInductor package vs eager, Triton bf16 and
 # FP8 mode 2), each bounded in time and each writing its log under $OUT as it goes. A step
 # whose time budget is 0 is skipped. Usage on the device (repo root, .whl carried):
-#   [TESTS=...] TEST_S=230 HOSTGPU_S=0 ATTN_S=0 [ATTN_ARGS=...] FP8_S=130 CACHED_S=45 PROBE_S=0 [PROBE_CASES=... PROBE_PARALLEL=6] PREDICT_S=150 bash benchmarks/run_device_suite.sh
+#   [TESTS=...] TEST_S=230 HOSTGPU_S=0 BWD_S=0 FP8FWD_S=0 ATTN_S=0 [ATTN_ARGS=...] FP8_S=130 CACHED_S=45 PROBE_S=0 [PROBE_CASES=... PROBE_PARALLEL=6] PREDICT_S=150 bash benchmarks/run_device_suite.sh
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -33,6 +33,20 @@ mkdir -p "$OUT/results"
 timeout "${HOSTGPU_S}" python3 benchmarks/host_vs_gpu_step.py --out "$OUT/results/host-vs-gpu-step.json" ${HOSTGPU_ARGS:-} \
   > "$OUT/host_vs_gpu.log" 2>&1
 echo "host vs gpu rc=$?"; tail -n 15 "$OUT/host_vs_gpu.log"
+fi
+if [ "${BWD_S:-0}" -gt 0 ]; then
+mkdir -p "$OUT/results"
+# shellcheck disable=SC2086 # BWD_ARGS is a list of flags
+timeout "${BWD_S}" python3 benchmarks/bwd_layouts.py --out "$OUT/results/bwd-layouts.json" ${BWD_ARGS:-} \
+  > "$OUT/bwd_layouts.log" 2>&1
+echo "bwd layouts rc=$?"; tail -n 60 "$OUT/bwd_layouts.log"
+fi
+if [ "${FP8FWD_S:-0}" -gt 0 ]; then
+mkdir -p "$OUT/results"
+# shellcheck disable=SC2086 # FP8FWD_ARGS is a list of flags
+timeout "${FP8FWD_S}" python3 benchmarks/fp8_fwd_speed.py --out "$OUT/results" --budget "$(( FP8FWD_S - 20 ))" ${FP8FWD_ARGS:-} \
+  > "$OUT/fp8_fwd_speed.log" 2>&1
+echo "fp8 fwd speed rc=$?"; tail -n 40 "$OUT/fp8_fwd_speed.log"
 fi
 if [ "${ATTN_S:-0}" -gt 0 ]; then
 mkdir -p "$OUT/results"

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource, compile as triton_compile
 _FP8_POINTERS = {"Q", "K", "V", "VT", "DO", "QCT", "KCT", "DOCT"}
 _FP32_POINTERS = {"QD", "KD", "VD", "DOD", "QDC", "KDC", "DODC", "DQ"}
 _INTS = {"c", "W", "M", "sla_k1", "K2", "H"}
-_FLOATS = {"half_alpha", "half_alpha_scale", "alpha", "out_scale", "dk_scale", "dv_scale"}
+_FLOATS = {"half_alpha", "half_alpha_scale", "alpha", "out_scale", "dk_scale", "dv_scale", "dq_scale"}
 
 
 def _signature(fn, constexprs: Dict[str, object], fp8: bool) -> Dict[str, str]:

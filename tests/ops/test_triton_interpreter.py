@@ -6,8 +6,8 @@ segments, masks, both backward launch layouts, the custom ops' autograd) runs on
 * ``triton_hstu_attention`` on float32 inputs against the PyTorch reference, for every mask
   mode of :mod:`torchrec_hstu.ops.triton._common` (plain causal, id rule causal and
   non-causal with targets, contextual prefix and window, SLA, plain non-causal), head dims
-  that fill the block and that do not (24 / 40 in blocks of 32 / 64), a fused and a split
-  backward;
+  that fill the block and that do not (24 / 40 in blocks of 32 / 64), every backward layout
+  (fused, split dV | dK+dQ, and dQ by its own query-parallel kernel after either);
 * ``triton_fp8_hstu_attention`` for every ``fp8_quant_mode`` against the PyTorch FP8
   emulation (same quantizers and tiles; fp32 summation order apart).
 
@@ -59,6 +59,9 @@ _SCRIPT = """
         "plain_full": (AttentionOptions(causal=False), None),
     }
     split = KernelConfig(16, 32, 4, 1, split_bwd=True)
+    # dQ by its own query-parallel kernel (no atomics), after a fused dK/dV launch or a split one.
+    dq_kernel = KernelConfig(16, 32, 4, 1, dq=KernelConfig(32, 16, 4, 1))
+    split_dq_kernel = KernelConfig(32, 16, 4, 1, split_bwd=True, dq=KernelConfig(16, 32, 4, 1))
     fused_candidates = triton_attention.bwd_candidates
     for dqk, dv in [(16, 16), (24, 40)]:
         q, k = (torch.randn(total, 2, dqk) * 0.5 for _ in range(2))
@@ -66,11 +69,15 @@ _SCRIPT = """
         for name, (options, targets) in masks.items():
             want = run(pytorch_hstu_attention, q.double(), k.double(), v.double(), dout.double(), options, targets)
             result[f"{name}/d{dqk}x{dv}"] = errors(run(triton_hstu_attention, q, k, v, dout, options, targets), want)
+            # Each backward layout as the only candidate, so the launcher picks it (the
+            # interpreter never autotunes).
+            layouts = {"dq_kernel": dq_kernel}
             if dqk == 16:
-                # The split backward (a dV launch, then a dK/dQ launch): the only candidate, so
-                # the launcher picks it (the interpreter never autotunes).
-                triton_attention.bwd_candidates = lambda *_: [split]
-                result[f"{name}/split_bwd"] = errors(run(triton_hstu_attention, q, k, v, dout, options, targets), want)
+                layouts.update(split_bwd=split, split_dq_kernel=split_dq_kernel)
+            for layout, config in layouts.items():
+                triton_attention.bwd_candidates = lambda *_, config=config: [config]
+                result[f"{name}/d{dqk}x{dv}/{layout}"] = errors(
+                    run(triton_hstu_attention, q, k, v, dout, options, targets), want)
                 triton_attention.bwd_candidates = fused_candidates
     q, k, v, dout = (torch.randn(total, 2, 32) * 0.5 for _ in range(4))
     for mode in range(6):
@@ -83,7 +90,7 @@ _SCRIPT = """
 
 def test_full_triton_kernels_forward_and_backward(tmp_path):
     result = run_in_interpreter(_SCRIPT, tmp_path)
-    assert len(result) == 5 * 2 + 5 + 6
+    assert len(result) == 5 * 2 * 2 + 5 * 2 + 6
     for name, errs in result.items():
         # fp32 vs the float64 reference; FP8 vs the emulation: the same fp8 products, fp32 sums
         # in another order. Measured (2026-11-25, Triton 3.6 interpreter): <= 3.6e-7 for both.

@@ -168,7 +168,8 @@ def _bwd_tile(
     stride_qm, stride_dom, stride_dqm, n, T, c, W, M, sla_k1, K2, half_alpha,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_MODE: tl.constexpr, MASKED: tl.constexpr, FAST_SILU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     rows = m0 + offs_m
     row_in = rows < n
@@ -187,7 +188,7 @@ def _bwd_tile(
     pT, sigT = silu_and_sigmoid(sT, half_alpha, FAST_SILU)
     if MASKED:
         valid = valid_mask(rows[None, :], offs_n[:, None], n, T, c, W, M, sla_k1, K2, MASK_MODE)
-    if COMPUTE_DKDQ:
+    if COMPUTE_DK:
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         # d silu(x) / dx = sig + silu * (1 - sig); alpha / scaling_seqlen is applied at the end.
         dsT = dpT * (sigT + pT * (1.0 - sigT))
@@ -195,9 +196,10 @@ def _bwd_tile(
             dsT = tl.where(valid, dsT, 0.0)
         ds16T = dsT.to(q.dtype)
         dk = tl.dot(ds16T, q, dk, input_precision=INPUT_PRECISION)
-        dq = tl.dot(tl.trans(ds16T), k, input_precision=INPUT_PRECISION)
-        tl.atomic_add(dq_ptrs + m0 * stride_dqm, dq,
-                      mask=row_in[:, None] & (offs_dqk[None, :] < DQK), sem="relaxed")
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds16T), k, input_precision=INPUT_PRECISION)
+            tl.atomic_add(dq_ptrs + m0 * stride_dqm, dq,
+                          mask=row_in[:, None] & (offs_dqk[None, :] < DQK), sem="relaxed")
     if COMPUTE_DV:
         if MASKED:
             pT = tl.where(valid, pT, 0.0)
@@ -217,7 +219,8 @@ def _hstu_bwd_kernel(
     DQK: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, FAST_SILU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     # First key block first: under a causal mask it is seen by the most queries.
@@ -241,8 +244,8 @@ def _hstu_bwd_kernel(
     q_ptrs = Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :]
     do_ptrs = DO + start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
     dq_ptrs = DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :]
-    # A program that computes only one of (dV) and (dK, dQ) keeps a 1 x 1 dummy for the other.
-    if COMPUTE_DKDQ:
+    # A program that computes only one of dV and dK keeps a 1 x 1 dummy for the other.
+    if COMPUTE_DK:
         dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     else:
         dk = tl.zeros([1, 1], dtype=tl.float32)
@@ -261,15 +264,94 @@ def _hstu_bwd_kernel(
                                offs_dqk, offs_dv, stride_qm, stride_dom, stride_dqm, n, T, c, W,
                                M, sla_k1, K2, half_alpha, DQK, DV_DIM, BLOCK_DQK, BLOCK_DV,
                                MASK_MODE, SEGMENT != 2, FAST_SILU, INPUT_PRECISION, COMPUTE_DV,
-                               COMPUTE_DKDQ)
+                               COMPUTE_DK, ATOMIC_DQ)
     dk_ptrs = DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm + offs_dqk[None, :]
     dv_ptrs = DV + start * stride_dvm + h * stride_dvh + offs_n[:, None] * stride_dvm + offs_dv[None, :]
-    if COMPUTE_DKDQ:
+    if COMPUTE_DK:
         tl.store(dk_ptrs, (dk * dk_scale).to(DK.dtype.element_ty),
                  mask=col_in[:, None] & (offs_dqk[None, :] < DQK))
     if COMPUTE_DV:
         tl.store(dv_ptrs, (dv * dv_scale).to(DV.dtype.element_ty),
                  mask=col_in[:, None] & (offs_dv[None, :] < DV_DIM))
+
+
+@triton.jit
+def _dq_tile(
+    acc, q, do, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
+    stride_kn, stride_vn, n, T, c, W, M, sla_k1, K2, half_alpha,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_MODE: tl.constexpr, MASKED: tl.constexpr, FAST_SILU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    cols = j0 + offs_n
+    if MASKED or BLOCK_DQK != DQK:
+        k = tl.load(k_ptrs + j0 * stride_kn, mask=(cols[:, None] < n) & (offs_dqk[None, :] < DQK),
+                    other=0.0)
+    else:
+        k = tl.load(k_ptrs + j0 * stride_kn)
+    if MASKED or BLOCK_DV != DV:
+        v = tl.load(v_ptrs + j0 * stride_vn, mask=(cols[:, None] < n) & (offs_dv[None, :] < DV),
+                    other=0.0)
+    else:
+        v = tl.load(v_ptrs + j0 * stride_vn)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    p, sig = silu_and_sigmoid(s, half_alpha, FAST_SILU)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = dp * (sig + p * (1.0 - sig))
+    if MASKED:
+        valid = valid_mask(offs_m[:, None], cols[None, :], n, T, c, W, M, sla_k1, K2, MASK_MODE)
+        ds = tl.where(valid, ds, 0.0)
+    return tl.dot(ds.to(k.dtype), k, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _hstu_bwd_dq_kernel(
+    Q, K, V, DO, DQ, seq_offsets, num_targets,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+    stride_dom, stride_doh, stride_dqm, stride_dqh,
+    half_alpha, dq_scale,
+    c, W, M, sla_k1, K2,
+    H,
+    DQK: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, FAST_SILU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``dQ`` of one query block: the forward's walk over key tiles, one accumulator, no atomics
+    (a key-parallel launch computes ``dK``/``dV``)."""
+    pid_bh = tl.program_id(0)
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, n = seq_span(seq_offsets, b)
+    m0 = m_block * BLOCK_M
+    if m0 >= n:
+        return
+    T = seq_num_targets(num_targets, b, HAS_TARGETS)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_in = offs_m < n
+    q = tl.load(Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_dqk[None, :], mask=row_in[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    do = tl.load(DO + start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :], mask=row_in[:, None] & (offs_dv[None, :] < DV_DIM), other=0.0)
+    k_ptrs = K + start * stride_km + h * stride_kh + offs_n[:, None] * stride_km + offs_dqk[None, :]
+    v_ptrs = V + start * stride_vm + h * stride_vh + offs_n[:, None] * stride_vm + offs_dv[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
+        m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
+    for SEGMENT in tl.static_range(4):
+        lo, hi = tile_segment(SEGMENT, ta0, ta1, tb0, ti0, ti1, tb1)
+        for j0 in range(lo, hi, BLOCK_N):
+            acc = _dq_tile(acc, q, do, k_ptrs, v_ptrs, j0, offs_m, offs_n, offs_dqk, offs_dv,
+                           stride_km, stride_vm, n, T, c, W, M, sla_k1, K2, half_alpha, DQK,
+                           DV_DIM, BLOCK_DQK, BLOCK_DV, MASK_MODE, SEGMENT != 2, FAST_SILU,
+                           INPUT_PRECISION)
+    dq_ptrs = DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :]
+    tl.store(dq_ptrs, (acc * dq_scale).to(DQ.dtype.element_ty),
+             mask=row_in[:, None] & (offs_dqk[None, :] < DQK))
 
 
 # --------------------------------------------------------------------------------------
@@ -290,9 +372,15 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    #: Backward only: one launch for dV and one for (dK, dQ), each holding one accumulator
-    #: (recomputes q k^T once more; pays off when two [block_n, D] fp32 accumulators spill).
+    #: Backward only: one launch for dV and one for dK (with dQ, unless ``dq``), each holding
+    #: one accumulator (recomputes q k^T once more; pays off when two [block_n, D] fp32
+    #: accumulators spill).
     split_bwd: bool = False
+    #: Backward only (bf16/fp16/fp32): dQ by its own query-parallel launch with this config, no
+    #: atomics (recomputes q k^T and dO v^T once more; pays off at D=256, where the atomics'
+    #: traffic and a third [block_m, D] product per tile dominate). ``None``: the key-parallel
+    #: launch adds its share of dQ with fp32 atomics.
+    dq: Optional["KernelConfig"] = None
 
 
 #: Sequences at least this long (batch ``max_seq_len``) trigger autotuning of their shape class.
@@ -327,12 +415,21 @@ def bwd_candidates(block_dqk: int, block_dv: int, dtype: torch.dtype) -> List[Ke
     if dtype == torch.float32:
         return [KernelConfig(32, 32, 4, 2), KernelConfig(16, 32, 4, 2)]
     if wide <= 128:
+        # ptxas (sm90, static): 32/128/8/3 fused 245 registers, dQ by mma.sync (32-row tiles
+        # are below wgmma's 64); dK+dV without dQ 64/128/8/2 255, the dQ kernel 128/64/8/2 230.
         return [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2),
-                KernelConfig(64, 128, 8, 2, split_bwd=True)]
+                KernelConfig(64, 128, 8, 2, split_bwd=True),
+                KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2)),
+                KernelConfig(32, 128, 8, 3, dq=KernelConfig(128, 64, 8, 3))]
     # D = 256 (H100, 2026-11-25): split 32/64/4/2 8.3 ms vs fused 16.6 ms at N=2048;
-    # 64/64/8/2 and 64/128/8/2 do not fit shared memory.
+    # 64/64/8/2 and 64/128/8/2 do not fit shared memory. ptxas (sm90, static): the (dK, dQ)
+    # launch spills 844 B (32/64/4/2); without dQ, dK 32/64/8/2 takes 227 registers and dV
+    # 192, no spills; the dQ kernel 128/32/8/2 238 and 64/64/8/2 253, no spills.
     return [KernelConfig(32, 64, 4, 2, split_bwd=True), KernelConfig(64, 64, 8, 1, split_bwd=True),
-            KernelConfig(32, 64, 8, 2, split_bwd=True)]
+            KernelConfig(32, 64, 8, 2, split_bwd=True),
+            KernelConfig(32, 64, 8, 2, split_bwd=True, dq=KernelConfig(128, 32, 8, 2)),
+            KernelConfig(32, 64, 8, 2, split_bwd=True, dq=KernelConfig(64, 64, 8, 2)),
+            KernelConfig(32, 128, 8, 2, split_bwd=True, dq=KernelConfig(128, 32, 8, 2))]
 
 
 def _seq_class(max_seq_len: int) -> int:
@@ -518,15 +615,18 @@ def hstu_bwd(
     total, num_heads, dqk = q.shape
     dv_dim = v.shape[2]
     batch = seq_offsets.numel() - 1
-    dq_acc, dk, dv = _grad_buffers(q, v)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if total == 0 or batch == 0:
-        return dq_acc.to(q.dtype), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_()
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     dout = _last_dim_contiguous(dout)
     block_dqk, block_dv = _block_dim(dqk), _block_dim(dv_dim)
     scale = 1.0 / scaling_seqlen
 
-    def launch(cfg: KernelConfig, compute_dv: bool, compute_dkdq: bool) -> None:
+    def launch(cfg: KernelConfig, compute_dv: bool, compute_dk: bool, atomic_dq: bool,
+               dq_acc: torch.Tensor) -> None:
         grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_n))
         _hstu_bwd_kernel[grid](
             q, k, v, dout, dq_acc, dk, dv, seq_offsets,
@@ -541,16 +641,50 @@ def hstu_bwd(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets, FAST_SILU=_fast_silu(q.dtype),
             INPUT_PRECISION=_input_precision(q.dtype),
-            COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq,
+            COMPUTE_DV=compute_dv, COMPUTE_DK=compute_dk, ATOMIC_DQ=atomic_dq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    run = _backward_runner(launch, dq_acc)
+    def launch_dq(cfg: KernelConfig) -> None:
+        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_m))
+        _hstu_bwd_dq_kernel[grid](
+            q, k, v, dout, dq, seq_offsets,
+            num_targets if num_targets is not None else seq_offsets,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+            0.5 * alpha, alpha * scale,
+            mask.c, mask.w, mask.m, mask.sla_k1, mask.k2,
+            num_heads,
+            DQK=dqk, DV_DIM=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets, FAST_SILU=_fast_silu(q.dtype),
+            INPUT_PRECISION=_input_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def run(cfg: KernelConfig) -> None:
+        # Every pass writes all of dq, dk, dv (autotuning runs it more than once).
+        if cfg.dq is not None:
+            if cfg.split_bwd:
+                launch(cfg, True, False, False, dq)
+                launch(cfg, False, True, False, dq)
+            else:
+                launch(cfg, True, True, False, dq)
+            launch_dq(cfg.dq)
+            return
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        if cfg.split_bwd:
+            launch(cfg, True, False, False, dq_acc)
+            launch(cfg, False, True, True, dq_acc)
+        else:
+            launch(cfg, True, True, True, dq_acc)
+        torch.mul(dq_acc, alpha * scale, out=dq_acc)
+        dq.copy_(dq_acc)
+
     if config is None:
         key = ("bwd", q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))
         config = choose_config(key, bwd_candidates(block_dqk, block_dv, q.dtype), max_seq_len, run)
     run(config)
-    dq = (dq_acc * (alpha * scale)).to(q.dtype)
     return dq, dk, dv
 
 
