@@ -52,9 +52,9 @@ from common import (  # noqa: E402
     epoch_generator,
     mean_std,
     plot_history,
+    resolve_device,
     resume_run,
     run_info,
-    resolve_device,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -73,7 +73,6 @@ from torchrec_hstu.data.sequences import (  # noqa: E402
 from torchrec_hstu.data.synthetic import RingSequenceConfig, generate_ring_sequences  # noqa: E402
 from torchrec_hstu.models.baselines import FirstOrderMarkov, MostPopular  # noqa: E402
 from torchrec_hstu.models.metrics import RankAccumulator  # noqa: E402
-from torchrec_hstu.ops.hstu_attention import resolve_kernel  # noqa: E402
 from torchrec_hstu.models.retrieval import (  # noqa: E402
     NEGATIVE_STRATEGIES,
     HSTURetrieval,
@@ -82,6 +81,7 @@ from torchrec_hstu.models.retrieval import (  # noqa: E402
     sample_negatives,
 )
 from torchrec_hstu.models.sasrec import SASRecRetrieval  # noqa: E402
+from torchrec_hstu.ops.hstu_attention import resolve_kernel  # noqa: E402
 
 METRIC_KEYS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")
 #: --model choice -> row name in the tables.
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.1, help="input and STU output dropout (SASRec: every dropout)")
     g.add_argument("--num-gap-buckets", type=int, default=32, help="gap-to-previous-interaction embedding buckets (0: off)")
     g.add_argument("--no-time-encoding", action="store_true", help="drop the positional encoder's time buckets")
+    g.add_argument("--relative-attention-bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="HSTU: the paper's relative position + time attention bias in every layer (dense PyTorch attention)")
+    g.add_argument("--attn-alpha", type=float, default=None, help="HSTU: scale of q k^T (default 1/sqrt(attention dim))")
     g.add_argument("--kernel", default=None,
                    help="attention kernel: auto, pytorch, triton, cutlass (default: the config's, else auto)")
     g = p.add_argument_group("training")
@@ -162,14 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", default=None, help="comma-separated seeds: run each and report mean and spread")
     g.add_argument("--device", default="cpu", help="cpu or cuda (the item table stays on CPU, HSTU runs on the device)")
     g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch default). 1 is fastest here: the ops are small and extra threads spin-wait on busy cores")
+                   help="torch CPU threads (0: torch default). 1 is fastest here: the ops are small and extra "
+                        "threads spin-wait on busy cores")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/retrieval")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: <output-dir>/checkpoint.pt)")
     g.add_argument("--resume-anyway", action="store_true",
                    help="resume even if the checkpoint's arguments or data fingerprint differ from this run's")
-    g.add_argument("--results-dir", default=None, help="with --seeds: also write the table to this folder (e.g. benchmarks/results)")
+    g.add_argument("--results-dir", default=None,
+                   help="with --seeds: also write the table to this folder (e.g. benchmarks/results)")
     g.add_argument("--merge", default=None,
                    help="comma list of seeds_summary.json files of runs made in parallel (same data and split): "
                         "write their combined table to --output-dir (and --results-dir) instead of training")
@@ -250,6 +255,8 @@ def build_model(args: argparse.Namespace, num_items: int) -> SequentialRetrieval
         input_dropout_ratio=args.dropout,
         output_dropout_ratio=args.dropout,
         kernel=args.kernel or "auto",
+        relative_attention_bias=args.relative_attention_bias,
+        attn_alpha=args.attn_alpha,
     )
 
 

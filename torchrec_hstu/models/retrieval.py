@@ -20,7 +20,7 @@ Design for later export and sharding:
   on a GPU machine without fbgemm CUDA ops the lookup runs on CPU and the HSTU part on CUDA.
 """
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_hstu.models.item_table import ItemTableModel
+from torchrec_hstu.models.relative_bias import RelativeBiasSTULayer, relative_bias_timestamps
 from torchrec_hstu.modules.hstu_transducer import HSTUTransducer
 from torchrec_hstu.modules.positional_encoder import HSTUPositionalEncoder
 from torchrec_hstu.modules.stu import STUStack
@@ -78,6 +79,8 @@ def default_retrieval_transducer(
     input_dropout_ratio: float = 0.2,
     output_dropout_ratio: float = 0.2,
     kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
+    relative_attention_bias: bool = False,
+    attn_alpha: Optional[float] = None,
 ) -> HSTUTransducer:
     """The GR-style retrieval transducer from keyword arguments.
 
@@ -96,7 +99,12 @@ def default_retrieval_transducer(
         use_time_encoding: add the time-gap embedding.
         input_dropout_ratio: dropout after positional encoding.
         output_dropout_ratio: dropout inside each STU layer.
-        kernel: attention kernel.
+        kernel: attention kernel (not used by the layers with ``relative_attention_bias``:
+            they attend densely in PyTorch).
+        relative_attention_bias: layers with the paper's relative position and time attention
+            bias (:class:`~torchrec_hstu.models.relative_bias.RelativeBiasSTULayer`); the
+            model must hand them each batch's timestamps (:class:`HSTURetrieval` does).
+        attn_alpha: scale of ``q k^T`` (None: ``1/sqrt(attention_dim)``, GR's STU default).
 
     Returns:
         :class:`HSTUTransducer` with ``return_full_embeddings=True``.
@@ -104,14 +112,23 @@ def default_retrieval_transducer(
     stu = example_stu_kwargs(
         embedding_dim, num_heads, hidden_dim, attention_dim, output_dropout_ratio, max_seq_len
     )
+    if attn_alpha is not None:
+        stu["attn_alpha"] = attn_alpha
     encoder = HSTUPositionalEncoder(
         num_position_buckets=max_seq_len + 1,
         num_time_buckets=num_time_buckets,
         embedding_dim=embedding_dim,
         use_time_encoding=use_time_encoding,
     )
+    if relative_attention_bias:
+        stack = STUStack([
+            RelativeBiasSTULayer(max_seq_len=max_seq_len, kernel=kernel, **stu)  # type: ignore[arg-type]
+            for _ in range(num_layers)
+        ])
+    else:
+        stack = STUStack.uniform(stu, num_layers, kernel=kernel)
     return HSTUTransducer(
-        STUStack.uniform(stu, num_layers, kernel=kernel),
+        stack,
         positional_encoder=encoder,
         input_dropout_ratio=input_dropout_ratio,
         return_full_embeddings=True,
@@ -366,6 +383,9 @@ class HSTURetrieval(SequentialRetrieval):
             self.gap_embeddings = nn.Embedding(num_gap_buckets, embedding_dim)
             nn.init.normal_(self.gap_embeddings.weight, 0.0, embedding_init_std)
         self.transducer = transducer
+        self.relative_bias_layers: List[RelativeBiasSTULayer] = [
+            layer for layer in transducer.modules() if isinstance(layer, RelativeBiasSTULayer)
+        ]
 
     def dense_device(self) -> torch.device:
         return next(self.transducer.parameters()).device
@@ -389,11 +409,12 @@ class HSTURetrieval(SequentialRetrieval):
         if self.gap_embeddings is not None:
             buckets = gap_buckets(timestamps, lengths_to_offsets(lengths), self.num_gap_buckets)
             x = x + self.gap_embeddings(buckets)
-        out = self.transducer(
-            JaggedTensor(values=x, lengths=lengths),
-            seq_timestamps=timestamps,
-            max_seq_len=max_seq_len,
-        )
+        with relative_bias_timestamps(self.relative_bias_layers, timestamps):
+            out = self.transducer(
+                JaggedTensor(values=x, lengths=lengths),
+                seq_timestamps=timestamps,
+                max_seq_len=max_seq_len,
+            )
         assert out.full_embeddings is not None
         return out.full_embeddings.values(), embeddings, extra
 
