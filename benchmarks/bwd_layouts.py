@@ -8,7 +8,9 @@ lengths) and each backward config, in one process:
   (backward = 2.5x the causal forward ``4*H*D*sum(n(n+1)/2)``);
 * a ``torch.profiler`` pass of 5 calls: GPU time per kernel name (where the time goes: the dV
   launch, the dK/dQ launch, the dQ kernel, the zero-fill and cast of the fp32 dQ accumulator);
-* which config the autotuner picks among the launcher's candidates, and the forward's time.
+* which config the autotuner picks among the launcher's candidates, and the forward's time;
+* optionally (``--fp8-profile 8192x128:2``) FP8 forward+backward of the public kernel entry
+  (quantization included) beside bf16, with the GPU time per kernel name.
 
 Config syntax: ``bm:bn:warps:stages[:split]`` for the key-parallel launch(es) (``split``: dV
 and dK in two launches), then optionally ``/bm:bn:warps:stages`` for a query-parallel dQ kernel
@@ -125,23 +127,66 @@ def run_shape(n: int, dim: int, jagged: bool, heads: int, configs: Optional[List
     return row
 
 
+def fp8_profile(n: int, dim: int, heads: int, mode: int) -> dict:
+    """Where FP8 forward+backward time goes (``triton_fp8_hstu_attention``, quantization
+    included), beside bf16 forward+backward of the same shape: do_bench medians and GPU time per
+    kernel name."""
+    import triton
+
+    from torchrec_hstu.ops.triton.fp8_attention import triton_fp8_hstu_attention
+    from torchrec_hstu.ops.triton.hstu_attention import triton_hstu_attention
+
+    batch = 32 if n <= 2048 else 16
+    device = torch.device("cuda")
+    offsets = torch.tensor([0] + [n] * batch, device=device).cumsum(0)
+    leaves = [(torch.randn(batch * n, heads, dim, device=device, dtype=torch.bfloat16) * 0.5)
+              .requires_grad_() for _ in range(3)]
+    dout = torch.randn(batch * n, heads, dim, device=device, dtype=torch.bfloat16) * 0.5
+    alpha = dim ** -0.5
+    row: dict = dict(n=n, d=dim, mode=mode, batch=batch)
+    for name, fn, options in (("bf16", triton_hstu_attention, AttentionOptions()),
+                              (f"fp8_mode{mode}", triton_fp8_hstu_attention,
+                               AttentionOptions(fp8_quant_mode=mode))):
+        def step(fn=fn, options=options):
+            out = fn(*leaves, offsets, n, alpha, options)
+            torch.autograd.grad(out, leaves, dout)
+        step()
+        ms = triton.testing.do_bench(step, warmup=5, rep=30, return_mode="median")
+        row[name] = dict(fwd_bwd_ms=ms, kernels_ms=kernel_times_ms(step, calls=3))
+        print(json.dumps(dict(fp8_profile=name, n=n, d=dim, ms=ms)), flush=True)
+    row["fp8_over_bf16_speed"] = row["bf16"]["fwd_bwd_ms"] / row[f"fp8_mode{mode}"]["fwd_bwd_ms"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--shapes", default="4096x256,8192x256,2048x256,4096x128,8192x128,4096x128:jagged")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--configs", default="", help="comma-separated configs (default: candidates)")
+    parser.add_argument("--fp8-profile", default="", help="NxD:mode,... FP8 fwd+bwd profiles")
     args = parser.parse_args()
     configs = [c for c in args.configs.split(",") if c] or None
     rows = []
-    for shape in args.shapes.split(","):
+    fp8_rows = []
+    for spec in filter(None, args.fp8_profile.split(",")):
+        dims, _, mode = spec.partition(":")
+        n, dim = map(int, dims.split("x"))
+        fp8_rows.append(fp8_profile(n, dim, args.heads, int(mode or 2)))
+    for shape in filter(None, args.shapes.split(",")):
         dims, _, kind = shape.partition(":")
         n, dim = map(int, dims.split("x"))
         rows.append(run_shape(n, dim, kind == "jagged", args.heads, configs))
     result = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
-                  torch=torch.__version__, command=" ".join(sys.argv), rows=rows)
+                  torch=torch.__version__, command=" ".join(sys.argv), rows=rows, fp8_profiles=fp8_rows)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)
+    for row in fp8_rows:
+        print(f"FP8 mode {row['mode']} N={row['n']} D={row['d']}: fp8/bf16 fwd+bwd speed "
+              f"{row['fp8_over_bf16_speed']:.2f}")
+        for name in ("bf16", f"fp8_mode{row['mode']}"):
+            top = ", ".join(f"{k} {v:.3f}" for k, v in list(row[name]["kernels_ms"].items())[:8])
+            print(f"  {name}: {row[name]['fwd_bwd_ms']:.3f} ms | {top}")
     for row in rows:
         print(f"N={row['n']} D={row['d']} {row['lengths']}: fwd {row['fwd_ms']:.3f} ms "
               f"({row['fwd_tflops']:.0f} TFLOP/s), autotuned {row['autotuned']}")
