@@ -9,7 +9,8 @@ segments, masks, both backward launch layouts, the custom ops' autograd) runs on
   that fill the block and that do not (24 / 40 in blocks of 32 / 64), every backward layout
   (fused, split dV | dK+dQ, and dQ by its own query-parallel kernel after either);
 * ``triton_fp8_hstu_attention`` for every ``fp8_quant_mode`` against the PyTorch FP8
-  emulation (same quantizers and tiles; fp32 summation order apart).
+  emulation (same quantizers and tiles; fp32 summation order apart), with dQ by atomics and by
+  the query-parallel dQ kernel.
 
 The GPU runs of the same kernels (bf16/fp16, real fp8 tensor cores, autotuned tiles) are in
 ``test_triton_attention.py`` and ``test_triton_fp8.py`` (``gpu`` marker).
@@ -28,6 +29,7 @@ _SCRIPT = """
     from torchrec_hstu.ops.common import AttentionOptions
     from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
     from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention
+    from torchrec_hstu.ops.triton import fp8_attention
     from torchrec_hstu.ops.triton import hstu_attention as triton_attention
     from torchrec_hstu.ops.triton.fp8_attention import triton_fp8_hstu_attention
     from torchrec_hstu.ops.triton.hstu_attention import KernelConfig, triton_hstu_attention
@@ -80,17 +82,25 @@ _SCRIPT = """
                     run(triton_hstu_attention, q, k, v, dout, options, targets), want)
                 triton_attention.bwd_candidates = fused_candidates
     q, k, v, dout = (torch.randn(total, 2, 32) * 0.5 for _ in range(4))
+    fp8_candidates = fp8_attention.fp8_bwd_candidates
+    # FP8 backward layouts: dQ by atomics (split dV | dK+dQ) and by its own query-parallel kernel.
+    fp8_layouts = {"atomic_dq": KernelConfig(0, 0, 4, 1, split_bwd=True),
+                   "dq_kernel": KernelConfig(0, 0, 4, 1, split_bwd=True, dq=KernelConfig(0, 0, 4, 1))}
     for mode in range(6):
         options = AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1, max_attn_len=20)
         want = run(fp8_hstu_attention_emulated, q, k, v, dout, options, num_targets)
-        result[f"fp8_mode{mode}"] = errors(run(triton_fp8_hstu_attention, q, k, v, dout, options, num_targets), want)
+        for layout, config in fp8_layouts.items():
+            fp8_attention.fp8_bwd_candidates = lambda *_, config=config: [config]
+            result[f"fp8_mode{mode}/{layout}"] = errors(
+                run(triton_fp8_hstu_attention, q, k, v, dout, options, num_targets), want)
+            fp8_attention.fp8_bwd_candidates = fp8_candidates
     print(json.dumps(result))
 """
 
 
 def test_full_triton_kernels_forward_and_backward(tmp_path):
     result = run_in_interpreter(_SCRIPT, tmp_path)
-    assert len(result) == 5 * 2 * 2 + 5 * 2 + 6
+    assert len(result) == 5 * 2 * 2 + 5 * 2 + 6 * 2
     for name, errs in result.items():
         # fp32 vs the float64 reference; FP8 vs the emulation: the same fp8 products, fp32 sums
         # in another order. Measured (2026-11-25, Triton 3.6 interpreter): <= 3.6e-7 for both.

@@ -525,31 +525,37 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _grad_buffers(q: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward outputs ``(dq_acc, dk, dv)``: ``dq`` accumulates in fp32 (programs add their
-    shares atomically, so it starts at zero), ``dk``/``dv`` have the dtype of ``q``."""
-    total, num_heads, dqk = q.shape
-    dk = torch.empty((total, num_heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.empty((total, num_heads, v.shape[2]), dtype=q.dtype, device=q.device)
-    dq_acc = torch.zeros((total, num_heads, dqk), dtype=torch.float32, device=q.device)
-    return dq_acc, dk, dv
+#: ``launch(config, compute_dv, compute_dk, atomic_dq, dq_buffer)`` of a key-parallel backward.
+KeyParallelLaunch = Callable[[KernelConfig, bool, bool, bool, torch.Tensor], None]
 
 
-def _backward_runner(launch: Callable[[KernelConfig, bool, bool], None],
-                     dq_acc: torch.Tensor) -> Callable[[KernelConfig], None]:
-    """One whole backward pass for a config, as ``choose_config`` times it: a fused launch
-    (``compute_dv``, ``compute_dkdq`` both on) or a dV launch then a (dK, dQ) launch
-    (``split_bwd``). ``dq_acc`` is zeroed first: autotuning runs the pass more than once."""
+def run_backward_layout(cfg: KernelConfig, launch: KeyParallelLaunch,
+                        launch_dq: Callable[[KernelConfig], None], dq: torch.Tensor,
+                        dq_scale: float) -> None:
+    """One whole backward pass in ``cfg``'s launch layout, writing all of ``dq`` (and, through
+    ``launch``, ``dk`` and ``dv``): autotuning runs it more than once.
 
-    def run(cfg: KernelConfig) -> None:
-        dq_acc.zero_()
+    * ``cfg.dq`` set: key-parallel launch(es) for dK and dV (one, or two with ``split_bwd``),
+      then ``launch_dq(cfg.dq)``, the query-parallel dQ kernel, which writes ``dq`` scaled.
+    * otherwise: the key-parallel launch(es) also add dQ shares with fp32 atomics into a zeroed
+      buffer, scaled by ``dq_scale`` and cast into ``dq`` at the end.
+    """
+    if cfg.dq is not None:
         if cfg.split_bwd:
-            launch(cfg, True, False)
-            launch(cfg, False, True)
+            launch(cfg, True, False, False, dq)
+            launch(cfg, False, True, False, dq)
         else:
-            launch(cfg, True, True)
-
-    return run
+            launch(cfg, True, True, False, dq)
+        launch_dq(cfg.dq)
+        return
+    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
+    if cfg.split_bwd:
+        launch(cfg, True, False, False, dq_acc)
+        launch(cfg, False, True, True, dq_acc)
+    else:
+        launch(cfg, True, True, True, dq_acc)
+    torch.mul(dq_acc, dq_scale, out=dq_acc)
+    dq.copy_(dq_acc)
 
 
 def hstu_fwd(
@@ -663,23 +669,7 @@ def hstu_bwd(
         )
 
     def run(cfg: KernelConfig) -> None:
-        # Every pass writes all of dq, dk, dv (autotuning runs it more than once).
-        if cfg.dq is not None:
-            if cfg.split_bwd:
-                launch(cfg, True, False, False, dq)
-                launch(cfg, False, True, False, dq)
-            else:
-                launch(cfg, True, True, False, dq)
-            launch_dq(cfg.dq)
-            return
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        if cfg.split_bwd:
-            launch(cfg, True, False, False, dq_acc)
-            launch(cfg, False, True, True, dq_acc)
-        else:
-            launch(cfg, True, True, True, dq_acc)
-        torch.mul(dq_acc, alpha * scale, out=dq_acc)
-        dq.copy_(dq_acc)
+        run_backward_layout(cfg, launch, launch_dq, dq, alpha * scale)
 
     if config is None:
         key = ("bwd", q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))
