@@ -13,6 +13,9 @@ shared GPU move by tens of percent between runs.
       done
     done
 
+With ``AB_SHAPES`` set (and autotuning left on, so each copy runs its own launcher's pick), it
+prints only bf16 and FP8 mode 2 causal rows of those shapes.
+
 Each run prints one JSON line: the package path and ``triton.testing.do_bench`` medians (ms) of
 bf16 forward and forward+backward (causal; targets + contextual prefix + window), FP8 mode 2
 forward and forward+backward, and the delta forward (32 new rows per sequence). Autotuning off
@@ -32,6 +35,9 @@ from torchrec_hstu.ops.triton.fp8_attention import triton_fp8_hstu_attention
 from torchrec_hstu.ops.triton.hstu_attention import triton_hstu_attention
 
 BATCH, SEQ_LEN, HEADS, HEAD_DIM, DELTA_ROWS = 8, 2048, 4, 128, 32
+#: ``AB_SHAPES="16x8192x128,16x8192x256"`` (batch x length x head dim) replaces the default
+#: shape for the bf16 and FP8 causal rows (the masked and delta rows keep the default shape).
+AB_SHAPES = os.environ.get("AB_SHAPES", "")
 
 
 def bench(fn, warmup: int = 10) -> float:
@@ -48,7 +54,31 @@ def fwd_bwd(attention, q, k, v, dout, *args):
     return run
 
 
+def shape_rows() -> dict:
+    """bf16 and FP8 mode 2 causal forward / forward+backward for each ``AB_SHAPES`` entry."""
+    result = {}
+    for spec in filter(None, AB_SHAPES.split(",")):
+        batch, seq_len, dim = map(int, spec.split("x"))
+        offsets = torch.arange(0, batch + 1, device="cuda") * seq_len
+        q, k, v, dout = (torch.randn(batch * seq_len, HEADS, dim, device="cuda",
+                                     dtype=torch.bfloat16) * 0.5 for _ in range(4))
+        args = (offsets, seq_len, dim ** -0.5, AttentionOptions(), None)
+        fp8_args = (offsets, seq_len, dim ** -0.5, AttentionOptions(fp8_quant_mode=2))
+        inputs = (q, k, v)
+        result[f"bf16_fwd/{spec}"] = bench(
+            lambda inputs=inputs, args=args: triton_hstu_attention(*inputs, *args), warmup=25)
+        result[f"bf16_fwd_bwd/{spec}"] = bench(fwd_bwd(triton_hstu_attention, q, k, v, dout, *args))
+        result[f"fp8m2_fwd/{spec}"] = bench(
+            lambda inputs=inputs, args=fp8_args: triton_fp8_hstu_attention(*inputs, *args))
+        result[f"fp8m2_fwd_bwd/{spec}"] = bench(
+            fwd_bwd(triton_fp8_hstu_attention, q, k, v, dout, *fp8_args), warmup=5)
+    return result
+
+
 def main() -> None:
+    if AB_SHAPES:
+        print(json.dumps({"package": os.path.dirname(torchrec_hstu.__file__), **shape_rows()}))
+        return
     torch.manual_seed(0)
     offsets = torch.arange(0, BATCH + 1, device="cuda") * SEQ_LEN
     q, k, v, dout = (torch.randn(BATCH * SEQ_LEN, HEADS, HEAD_DIM, device="cuda",
