@@ -417,18 +417,20 @@ def bwd_candidates(block_dqk: int, block_dv: int, dtype: torch.dtype) -> List[Ke
     if wide <= 128:
         # ptxas (sm90, static): 32/128/8/3 fused 245 registers, dQ by mma.sync (32-row tiles
         # are below wgmma's 64); dK+dV without dQ 64/128/8/2 255, the dQ kernel 128/64/8/2 230.
-        return [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2),
-                KernelConfig(64, 128, 8, 2, split_bwd=True),
-                KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2)),
-                KernelConfig(32, 128, 8, 3, dq=KernelConfig(128, 64, 8, 3))]
+        # Timed (2026-12-02, H100 and H200, N = 4096 / 8192, full and jagged): the dQ-kernel
+        # layouts won every shape (32/128/8/3 + 128/64/8/3 first, 64/128/8/2 + 128/64/8/2
+        # second); 64/128/8/2 fused and split never came within 20% and were dropped.
+        return [KernelConfig(32, 128, 8, 3),
+                KernelConfig(32, 128, 8, 3, dq=KernelConfig(128, 64, 8, 3)),
+                KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2))]
     # D = 256 (H100, 2026-11-25): split 32/64/4/2 8.3 ms vs fused 16.6 ms at N=2048;
     # 64/64/8/2 and 64/128/8/2 do not fit shared memory. ptxas (sm90, static): the (dK, dQ)
     # launch spills 844 B (32/64/4/2); without dQ, dK 32/64/8/2 takes 227 registers and dV
-    # 192, no spills; the dQ kernel 128/32/8/2 238 and 64/64/8/2 253, no spills.
-    return [KernelConfig(32, 64, 4, 2, split_bwd=True), KernelConfig(64, 64, 8, 1, split_bwd=True),
-            KernelConfig(32, 64, 8, 2, split_bwd=True),
+    # 192, no spills; the dQ kernel 128/32/8/2 238, no spills. Timed (2026-12-02, H100,
+    # N = 2048 / 4096 / 8192): 32/128/8/2 split + dQ 128/32/8/2 won every shape, 1.7-2.1x the
+    # best atomic layout; 64/64/8/1 split (the slowest) and a 64/64/8/2 dQ kernel were dropped.
+    return [KernelConfig(32, 64, 4, 2, split_bwd=True), KernelConfig(32, 64, 8, 2, split_bwd=True),
             KernelConfig(32, 64, 8, 2, split_bwd=True, dq=KernelConfig(128, 32, 8, 2)),
-            KernelConfig(32, 64, 8, 2, split_bwd=True, dq=KernelConfig(64, 64, 8, 2)),
             KernelConfig(32, 128, 8, 2, split_bwd=True, dq=KernelConfig(128, 32, 8, 2))]
 
 
