@@ -9,7 +9,7 @@ of PTX instructions (register names and instruction order aside):
     python benchmarks/tools/triton_ptx_ops.py --compare /tmp/before.json /tmp/after.json
 
 Variants: mask modes 0 (plain causal), 1 (id rule, targets), 3 (SLA), 4 (plain non-causal);
-bf16 forward, delta forward, backward (fused and dV-only); FP8 modes 0 and 2 forward, delta
+bf16 forward, delta forward, backward (fused and dV-only) and the dQ kernel; FP8 modes 0 and 2 forward, delta
 forward and (dK, dQ) backward. Triton's bundled ``ptxas``/LLVM do the work (a few minutes on
 two cores).
 """
@@ -83,8 +83,11 @@ def all_kernels() -> Dict[str, Dict[str, int]]:
         for compute_dkdq in (True, False):
             variants[f"bwd_dkdq{int(compute_dkdq)}"] = (
                 hstu_attention._hstu_bwd_kernel,
-                dict(bwd, BLOCK_M=32, BLOCK_N=128, COMPUTE_DV=True, COMPUTE_DKDQ=compute_dkdq, **bf16),
+                dict(bwd, BLOCK_M=32, BLOCK_N=128, COMPUTE_DV=True, COMPUTE_DK=compute_dkdq,
+                     ATOMIC_DQ=compute_dkdq, **bf16),
                 False, 8, 3)
+        variants["bwd_dq_kernel"] = (hstu_attention._hstu_bwd_dq_kernel,
+                                     dict(bwd, BLOCK_M=128, BLOCK_N=64, **bf16), False, 8, 3)
         for quant_mode in (0, 2):
             fp8_fwd = dict(fwd, BLOCK_M=64, BLOCK_N=64, P_ROWS=16, QUANT_MODE=quant_mode, **fp8)
             variants[f"fp8_fwd_q{quant_mode}"] = (fp8_attention._fp8_fwd_kernel, fp8_fwd, True, 4, 3)
