@@ -105,7 +105,7 @@ RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
         # (--no-time-encoding drops those: no measurable difference) and scales q k^T by 1, as
         # GR's research HSTU (the default 1/sqrt(attention_dim) is GR's production STU's).
         "hstu": dict(_ML100K_COMMON, attention_dim=50, hidden_dim=50, num_gap_buckets=32, attn_alpha=1.0, epochs=36),
-        "sasrec": dict(_ML100K_COMMON, embedding_dim=64, lr=4e-3),
+        "sasrec": dict(_ML100K_COMMON, embedding_dim=64, lr=4e-3, epochs=48),
     },
 }
 
