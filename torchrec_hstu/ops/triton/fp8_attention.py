@@ -65,6 +65,7 @@ from torchrec_hstu.ops.triton.hstu_attention import (
     _seq_class,
     check_triton_inputs,
     choose_config,
+    gradient_outputs,
     mask_args_of,
     run_backward_layout,
 )
@@ -984,9 +985,7 @@ def fp8_bwd(
     total, num_heads, dqk = q.shape
     dv_dim = v.shape[2]
     batch = seq_offsets.numel() - 1
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = gradient_outputs(q, k, v)
     if total == 0 or batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     tiles = FP8TileSizes.for_head_dim(max(dqk, dv_dim))

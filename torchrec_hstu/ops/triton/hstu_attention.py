@@ -531,6 +531,15 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 KeyParallelLaunch = Callable[[KernelConfig, bool, bool, bool, torch.Tensor], None]
 
 
+def gradient_outputs(q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialized contiguous ``(dq, dk, dv)`` shaped and typed like ``q, k, v``; every backward
+    layout writes them whole (:func:`run_backward_layout`)."""
+    contiguous = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=contiguous), torch.empty_like(k, memory_format=contiguous),
+            torch.empty_like(v, memory_format=contiguous))
+
+
 def run_backward_layout(cfg: KernelConfig, launch: KeyParallelLaunch,
                         launch_dq: Callable[[KernelConfig], None], dq: torch.Tensor,
                         dq_scale: float) -> None:
@@ -623,9 +632,7 @@ def hstu_bwd(
     total, num_heads, dqk = q.shape
     dv_dim = v.shape[2]
     batch = seq_offsets.numel() - 1
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = gradient_outputs(q, k, v)
     if total == 0 or batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
