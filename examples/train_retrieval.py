@@ -149,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's decoupled weight decay (>= 0), on every parameter, the item table included")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the next-item cross-entropy, in [0, 1); needs --loss full")
+    g.add_argument("--item-dropout", type=float, default=0.0,
+                   help="item-embedding dropout, in [0, 1): each input token's whole item embedding is zeroed "
+                        "with this probability in training (its position and time stay); with --loss sampled "
+                        "it needs --shift-inputs")
     g.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                    help="cosine: decay to 0 over all steps after --warmup-steps of linear warm-up")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
@@ -218,6 +225,21 @@ def make_split(dataset: SequenceDataset, args: argparse.Namespace) -> RetrievalS
             f"needs {needed} per user to keep a history and hold one out"
         )
     return split
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range regularization flags with one user error (before any data is read)."""
+    if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
+        raise UserError(f"--weight-decay must be a finite number >= 0; got {args.weight_decay}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}")
+    if args.label_smoothing > 0 and args.loss != "full":
+        raise UserError("--label-smoothing needs --loss full (the sampled softmax masks accidental hits with -inf)")
+    if not 0.0 <= args.item_dropout < 1.0:
+        raise UserError(f"--item-dropout must be in [0, 1); got {args.item_dropout}")
+    if args.item_dropout > 0 and args.loss == "sampled" and not args.shift_inputs:
+        raise UserError("--item-dropout with --loss sampled needs --shift-inputs (the unshifted sampled softmax "
+                        "takes its positives from the input embeddings, which the dropout zeroes)")
 
 
 def build_model(args: argparse.Namespace, num_items: int) -> SequentialRetrieval:
@@ -333,7 +355,10 @@ def run(args: argparse.Namespace, seed: int, output_dir: str) -> Dict[str, Any]:
     if device.type == "cuda":
         # No fbgemm CUDA ops needed: the item table stays on CPU, HSTU runs on the GPU.
         model.place(device)
-    train_module = HSTURetrievalTrain(model, temperature=args.temperature, shift_inputs=args.shift_inputs)
+    model.set_item_dropout(args.item_dropout)
+    train_module = HSTURetrievalTrain(
+        model, temperature=args.temperature, shift_inputs=args.shift_inputs, label_smoothing=args.label_smoothing
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model_name = MODEL_NAMES[args.model]
     if isinstance(model, HSTURetrieval):
@@ -517,6 +542,7 @@ def model_args(argv: Optional[Sequence[str]], model: str, recipe: Optional[str])
         parser.set_defaults(**RECIPES[recipe][model])
     args = parser.parse_args(argv)
     args.model = model
+    check_training_args(args)
     return args
 
 

@@ -176,6 +176,29 @@ def next_item_positions(lengths: torch.Tensor, total: int) -> torch.Tensor:
     return torch.nonzero(positions < sequence_lengths[batch_ids] - 1).flatten()
 
 
+def drop_item_tokens(embeddings: torch.Tensor, ratio: float, training: bool) -> torch.Tensor:
+    """Item-embedding dropout: each token's whole item embedding is zeroed with probability
+    ``ratio`` (the kept ones scaled by ``1 / (1 - ratio)``), so the model sometimes sees a
+    position (and its time) without knowing which item was there. Elementwise dropout after
+    the positional encoding (both models' input dropout) hides coordinates, not items.
+
+    Args:
+        embeddings: ``[L, D]`` item embeddings of the input tokens.
+        ratio: drop probability in ``[0, 1)``; 0 (or ``training=False``) returns the input
+            unchanged and draws no random numbers.
+        training: apply only in training.
+
+    Returns:
+        ``[L, D]``.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"item dropout ratio must be in [0, 1); got {ratio}")
+    if not training or ratio == 0.0 or embeddings.numel() == 0:
+        return embeddings
+    keep = torch.rand(embeddings.shape[0], 1, device=embeddings.device) >= ratio
+    return embeddings * keep.to(embeddings.dtype) / (1.0 - ratio)
+
+
 class SequentialRetrieval(ItemTableModel):
     """Shared item-table side of the sequential retrieval models (HSTU, SASRec).
 
@@ -189,6 +212,15 @@ class SequentialRetrieval(ItemTableModel):
     embedding_dim: int
     feature_name: str
     table_name: str
+    #: Item-embedding dropout of the input tokens (:func:`drop_item_tokens`; set with
+    #: :meth:`set_item_dropout`). The catalogue side (targets, negatives, scoring) never drops.
+    item_dropout_ratio: float = 0.0
+
+    def set_item_dropout(self, ratio: float) -> None:
+        """Set the item-embedding dropout of the input tokens (``[0, 1)``; 0: off)."""
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"item dropout ratio must be in [0, 1); got {ratio}")
+        self.item_dropout_ratio = float(ratio)
 
     def init_item_table(
         self,
@@ -237,16 +269,18 @@ class SequentialRetrieval(ItemTableModel):
         self, item_ids: torch.Tensor, lengths: torch.Tensor, extra_ids: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(embeddings [L, D], extra [R, D] or None)``: ``extra_ids`` (e.g. sampled negatives)
-        are looked up in the same collection call, as one more sequence appended to the batch."""
+        are looked up in the same collection call, as one more sequence appended to the batch.
+        In training, ``embeddings`` (the input tokens, not ``extra``) go through the item
+        dropout (:attr:`item_dropout_ratio`)."""
         if extra_ids is None:
-            return self.lookup(item_ids, lengths), None
+            return drop_item_tokens(self.lookup(item_ids, lengths), self.item_dropout_ratio, self.training), None
         total = item_ids.shape[0]
         all_ids = torch.cat([item_ids, extra_ids.to(item_ids.device)])
         all_lengths = torch.cat(
             [lengths.to(torch.int64), torch.full((1,), extra_ids.shape[0], dtype=torch.int64, device=lengths.device)]
         )
         both = self.lookup(all_ids, all_lengths)
-        return both[:total], both[total:]
+        return drop_item_tokens(both[:total], self.item_dropout_ratio, self.training), both[total:]
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
         """``[R] -> [R, D]`` L2-normalized output embeddings of ``item_ids``."""
@@ -326,6 +360,8 @@ class HSTURetrieval(SequentialRetrieval):
             ``transducer_kwargs``.
         num_gap_buckets: buckets of the gap-to-previous-interaction embedding added to the
             item embeddings (0: off).
+        item_dropout_ratio: item-embedding dropout of the input tokens (:func:`drop_item_tokens`;
+            0: off).
         embedding_init_std: std of the item table's normal init.
         feature_name: the id feature.
         table_name: the table (not ``items``: that collides with ``nn.ModuleDict.items``).
@@ -352,9 +388,11 @@ class HSTURetrieval(SequentialRetrieval):
         feature_name: str = "item_id",
         table_name: str = "item_table",
         device: Optional[torch.device] = None,
+        item_dropout_ratio: float = 0.0,
         **transducer_kwargs,
     ) -> None:
         super().__init__()
+        self.set_item_dropout(item_dropout_ratio)
         if num_items <= 0:
             raise ValueError(f"num_items must be > 0; got {num_items}")
         if table_name == "items":
@@ -463,10 +501,19 @@ class HSTURetrievalTrain(nn.Module):
     evaluation scores from (the last one: reversed position 1 in HSTU, the last slot in SASRec)
     is never trained as a query.
 
+    ``label_smoothing`` mixes the one-hot target with the uniform distribution over the
+    catalogue (``torch.nn.functional.cross_entropy``'s ``label_smoothing``); full softmax only
+    (a sampled softmax's masked accidental hits have ``-inf`` logits).
+
+    A model with item-embedding dropout (:meth:`SequentialRetrieval.set_item_dropout`) needs
+    ``shift_inputs`` or the full softmax: the unshifted sampled softmax takes its positives from
+    the input embeddings, which the dropout zeroes.
+
     Args:
         model: the retrieval model.
         temperature: softmax temperature (GR: 0.05).
         shift_inputs: train on inputs without each sequence's last item (see above).
+        label_smoothing: in ``[0, 1)``; 0: plain cross-entropy.
 
     Example::
 
@@ -478,13 +525,22 @@ class HSTURetrievalTrain(nn.Module):
         0
     """
 
-    def __init__(self, model: SequentialRetrieval, temperature: float = 0.05, shift_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        model: SequentialRetrieval,
+        temperature: float = 0.05,
+        shift_inputs: bool = False,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {temperature}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
         self.model = model
         self.temperature = temperature
         self.shift_inputs = shift_inputs
+        self.label_smoothing = label_smoothing
 
     def forward(
         self,
@@ -508,10 +564,17 @@ class HSTURetrievalTrain(nn.Module):
         Returns:
             Scalar mean loss over supervised positions (0 if there are none).
         """
+        if negative_ids is not None and self.label_smoothing > 0:
+            raise ValueError("label_smoothing needs the full softmax (negative_ids=None); got sampled negatives")
         if self.shift_inputs:
             return self.shifted_loss(item_ids, lengths, timestamps, max_seq_len, negative_ids, negative_log_q)
         if negative_ids is None:
             return self.full_softmax(item_ids, lengths, timestamps, max_seq_len)
+        if self.model.item_dropout_ratio > 0 and self.model.training:
+            raise ValueError(
+                "item dropout with sampled negatives needs shift_inputs=True: without it the positives "
+                "are the (dropped) input embeddings"
+            )
         outputs, inputs, negatives = self.model.encode(
             item_ids, lengths, timestamps, max_seq_len, extra_ids=negative_ids
         )
@@ -560,7 +623,7 @@ class HSTURetrievalTrain(nn.Module):
         targets = targets.to(device)
         if negative_ids is None:
             logits = outputs @ F.normalize(extra, dim=-1, eps=1e-6).t() / self.temperature
-            return F.cross_entropy(logits, targets)
+            return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         extra = F.normalize(extra.to(device), dim=-1, eps=1e-6)
         positives, negatives = extra[: targets.shape[0]], extra[targets.shape[0]:]
         pos_logits = (outputs * positives).sum(-1, keepdim=True) / self.temperature
@@ -588,7 +651,7 @@ class HSTURetrievalTrain(nn.Module):
         if supervised.numel() == 0:
             return outputs.sum() * 0.0
         logits = outputs[supervised] @ F.normalize(items, dim=-1, eps=1e-6).t() / self.temperature
-        return F.cross_entropy(logits, item_ids.to(device)[supervised + 1])
+        return F.cross_entropy(logits, item_ids.to(device)[supervised + 1], label_smoothing=self.label_smoothing)
 
 
 def sample_negatives(
