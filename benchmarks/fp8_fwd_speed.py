@@ -13,6 +13,8 @@ cases when ``--budget`` seconds are spent:
     tile config and ``"precise"``; end to end (quantization included, default accumulation).
 (c) Quantizers: q, k, v quantization (and the v transposition) in GB/s (bytes read + written).
 (d) Optional fwd+bwd end to end at N=8192 (default accumulation) if budget remains.
+(e) End-to-end forward per head dim (``--dims``), default quantizers beside the earlier ones
+    (integer cast, division), vs bf16.
 
 Timings: ``triton.testing.do_bench`` medians (ms). FLOPs: causal ``4*H*D*sum(n(n+1)/2)``.
 
@@ -142,11 +144,12 @@ def accuracy(device, deadline: float, modes: List[int]) -> None:
 
 
 # ----------------------------------------------------------------------------- (b)
-def speed(device, deadline: float, seq_lens: List[int], modes: List[int], configs: List[str]) -> None:
+def speed(device, deadline: float, seq_lens: List[int], modes: List[int], configs: List[str],
+          dim: int = 128) -> None:
     from torchrec_hstu.ops.triton import fp8_attention as fa
     from torchrec_hstu.ops.triton.hstu_attention import mask_args_of, triton_hstu_attention
 
-    batch, heads, dim = 16, 4, 128
+    batch, heads = 16, 4
     alpha = 1.0 / dim**0.5
     print(f"(b) forward speed B={batch} H={heads} D={dim} causal full lengths", flush=True)
     mask = mask_args_of(AttentionOptions(), False)
@@ -158,7 +161,7 @@ def speed(device, deadline: float, seq_lens: List[int], modes: List[int], config
         q, k, v = (torch.empty(total, heads, dim, device=device, dtype=torch.bfloat16).uniform_(-1, 1)
                    for _ in range(3))
         bf16_ms = bench(lambda: triton_hstu_attention(q, k, v, offsets, n, alpha, AttentionOptions()))
-        record(part="b", N=n, impl="bf16", ms=bf16_ms, tflops=flops / bf16_ms / 1e9)
+        record(part="b", D=dim, N=n, impl="bf16", ms=bf16_ms, tflops=flops / bf16_ms / 1e9)
         for mode in modes:
             inputs = fa.fp8_fwd_quantize(q, k, v, offsets, n, mode)
             torch.cuda.synchronize()
@@ -187,7 +190,7 @@ def speed(device, deadline: float, seq_lens: List[int], modes: List[int], config
                         ms = bench(run)
                     finally:
                         fa._FWD_OVERRIDES.clear()
-                    record(part="b", N=n, impl=f"fp8_m{mode}_{acc}_kernel", cfg=cfg,
+                    record(part="b", D=dim, N=n, impl=f"fp8_m{mode}_{acc}_kernel", cfg=cfg,
                            overrides=str(overrides) if overrides else "", ms=ms,
                            tflops=flops / ms / 1e9, vs_bf16=bf16_ms / ms)
 
@@ -227,9 +230,17 @@ def quantizers(device, deadline: float, modes: List[int]) -> None:
     print("(c) quantizers, one [65536, 4, 128] bf16 tensor", flush=True)
     from torchrec_hstu.ops.triton import fp8_quantize
 
-    variants = [({}, m) for m in modes]
-    variants += [(dict(seq_warps=4), 2), (dict(seq_warps=16), 2), (dict(rows=64), 5),
-                 (dict(rows=16), 5), (dict(rows=64, rows_warps=4), 0)]
+    # Each mode: the path before 2026-12-03 (integer cast, division), the hardware cast with
+    # division (``exact=True``), today's default (hardware cast, reciprocal multiply); then
+    # pieces of the sequence kernel and other launch shapes.
+    before = dict(hw_cast=False, recip=False)
+    variants = []
+    for m in modes:
+        variants += [(before, m), (dict(recip=False), m), ({}, m)]
+    for m in (2, 1, 3):
+        variants += [(dict(sub_t=32), m), (dict(sub_t=128), m)]
+    variants += [(dict(sub_t=64, seq_warps=4), 2), (dict(rows=64), 5), (dict(rows=64, rows_warps=4), 0)]
+    exact: Dict = {}
     for tuning, mode in variants:
         for colwise, block in ((False, 128), (True, 128)):
             if colwise and mode != 1:
@@ -249,6 +260,14 @@ def quantizers(device, deadline: float, modes: List[int]) -> None:
                     graph_ms = bench_graph(run)
                 finally:
                     fp8_quantize._TUNING.clear()
+                key = (mode, colwise)
+                if key not in exact:
+                    fp8_quantize._TUNING.update(before)
+                    try:
+                        exact[key] = run().values.view(torch.uint8)
+                    finally:
+                        fp8_quantize._TUNING.clear()
+                differ = int((res.values.view(torch.uint8) != exact[key]).sum().item())
                 td = res.token_descale
                 written = res.values.numel() + res.descale.numel() * 4
                 if td.stride(0) != 0 and td.stride(1) != 0:
@@ -258,9 +277,10 @@ def quantizers(device, deadline: float, modes: List[int]) -> None:
                 moved = nbytes + (x.numel() * 2 if mode in (3, 4, 5) else 0)
                 record(part="c", mode=mode, colwise=colwise, tuning=str(tuning), ms=ms,
                        GBps=nbytes / ms / 1e6, graph_ms=graph_ms,
-                       graph_GBps=nbytes / graph_ms / 1e6, graph_GBps_moved=moved / graph_ms / 1e6)
+                       graph_GBps=nbytes / graph_ms / 1e6, graph_GBps_moved=moved / graph_ms / 1e6,
+                       bytes_differing_from_exact=differ)
 
-            guard(f"quant_m{mode}_{colwise}", one)
+            guard(f"quant_m{mode}_{colwise}_{tuning}", one)
     x8 = x.to(torch.float8_e4m3fn)
 
     def vt() -> None:
@@ -272,6 +292,50 @@ def quantizers(device, deadline: float, modes: List[int]) -> None:
     guard("vt", vt)
     copy_ms = bench(lambda: x.clone())
     record(part="c", op="bf16_clone_ceiling", ms=copy_ms, GBps=2 * x.numel() * 2 / copy_ms / 1e6)
+
+
+# ----------------------------------------------------------------------------- (e)
+def e2e_dims(device, deadline: float, modes: List[int], dims: List[int], seq_lens: List[int]) -> None:
+    """End-to-end FP8 forward (quantization included) vs our bf16 forward per head dim, with
+    the default quantizers and with the quantizers as they were before 2026-12-03 (integer
+    cast, division) side by side."""
+    from torchrec_hstu.ops.triton import fp8_attention as fa
+    from torchrec_hstu.ops.triton import fp8_quantize
+    from torchrec_hstu.ops.triton.hstu_attention import triton_hstu_attention
+
+    batch, heads = 16, 4
+    for dim in dims:
+        for n in seq_lens:
+            if time.time() > deadline:
+                continue
+            alpha = 1.0 / dim**0.5
+            lengths = [n] * batch
+            offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+            flops = causal_flops(lengths, heads, dim)
+            q, k, v = (torch.empty(batch * n, heads, dim, device=device, dtype=torch.bfloat16).uniform_(-1, 1)
+                       for _ in range(3))
+            bf16_ms = bench(lambda: triton_hstu_attention(q, k, v, offsets, n, alpha, AttentionOptions()))
+            record(part="e", D=dim, N=n, impl="bf16", ms=bf16_ms, tflops=flops / bf16_ms / 1e9)
+            for mode in modes:
+                for tuning in ({}, dict(hw_cast=False, recip=False)):
+                    def one() -> None:
+                        opts = AttentionOptions(fp8_quant_mode=mode)
+                        run = lambda: fa.triton_fp8_hstu_attention(q, k, v, offsets, n, alpha, opts)  # noqa: E731
+                        quant = lambda: fa.fp8_fwd_quantize(q, k, v, offsets, n, mode)  # noqa: E731
+                        fp8_quantize._TUNING.clear()
+                        fp8_quantize._TUNING.update(tuning)
+                        try:
+                            run()
+                            ms = bench(run)
+                            quant_ms = bench(quant)
+                        finally:
+                            fp8_quantize._TUNING.clear()
+                        record(part="e", D=dim, N=n, impl=f"fp8_m{mode}_e2e", tuning=str(tuning), ms=ms,
+                               quantize_qkv_ms=quant_ms, tflops=flops / ms / 1e9, vs_bf16=bf16_ms / ms)
+
+                    guard(f"e2e_D{dim}_N{n}_m{mode}_{tuning}", one)
+            del q, k, v
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- (d)
@@ -317,6 +381,8 @@ def main() -> None:
     parser.add_argument("--parts", default="b,a,c,d")
     parser.add_argument("--configs", default="64:4:3,128:8:3,64:4:2:168,64:4:2,128:8:2")
     parser.add_argument("--seq-lens", default="4096,8192")
+    parser.add_argument("--dims", default="128,256", help="head dims of part e")
+    parser.add_argument("--speed-dim", type=int, default=128, help="head dim of part b")
     args = parser.parse_args()
     device = torch.device("cuda")
     deadline = T0 + args.budget
@@ -330,19 +396,22 @@ def main() -> None:
     for part in parts:
         if part == "b":
             speed(device, deadline, [int(x) for x in args.seq_lens.split(",")], [2, 5],
-                  args.configs.split(","))
+                  args.configs.split(","), args.speed_dim)
         elif part == "a":
             accuracy(device, deadline, [2, 5, 1])
         elif part == "c":
-            quantizers(device, deadline, [2, 5, 1, 0, 3])
+            quantizers(device, deadline, [2, 5, 1, 0, 3, 4])
         elif part == "d":
             fwd_bwd(device, deadline, [2, 5])
+        elif part == "e":
+            e2e_dims(device, deadline, [2, 5], [int(x) for x in args.dims.split(",")],
+                     [int(x) for x in args.seq_lens.split(",")])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fp8_fwd_speed.json"), "w") as handle:
         json.dump(dict(header=header, rows=ROWS), handle, indent=1)
     print("SUMMARY")
     for row in ROWS:
-        if row.get("part") in ("b", "d") or "error" in row:
+        if row.get("part") in ("b", "d", "e") or "error" in row:
             print(" ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
 
 

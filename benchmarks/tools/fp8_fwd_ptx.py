@@ -124,6 +124,7 @@ def main():
     parser.add_argument("--mask", type=int, default=0)
     parser.add_argument("--configs", default="64:4:3", help="bm:warps:stages[:maxnreg],...")
     parser.add_argument("--extra", default="", help="k=v,... extra constexprs (ints)")
+    parser.add_argument("--dim", type=int, default=128, help="head dim (BLOCK_N 64 above 128)")
     args = parser.parse_args()
     extra = dict(FAST_SILU=0, SCALAR_QD=0, SCALAR_KVD=0, VT_ALIGNED=0, RESCALE=0)
     for item in filter(None, args.extra.split(",")):
@@ -136,8 +137,9 @@ def main():
                 fields = list(map(int, cfg.split(":")))
                 bm, warps, stages = fields[:3]
                 maxnreg = fields[3] if len(fields) > 3 else None
-                constexprs = dict(DQK=128, DV=128, BLOCK_DQK=128, BLOCK_DV=128, BLOCK_M=bm,
-                                  BLOCK_N=128, P_ROWS=16, QUANT_MODE=mode, MASK_MODE=args.mask,
+                d = args.dim
+                constexprs = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, BLOCK_M=bm,
+                                  BLOCK_N=128 if d <= 128 else 64, P_ROWS=16, QUANT_MODE=mode, MASK_MODE=args.mask,
                                   HAS_TARGETS=False, INTERPRET=False,
                                   MAX_IMPRECISE=fp8_attention._max_imprecise(False, acc),
                                   MAX_IMPRECISE_S=fp8_attention._max_imprecise(True, acc))

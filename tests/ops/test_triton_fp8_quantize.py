@@ -3,7 +3,8 @@
 The oracle is :func:`torchrec_hstu.ops.fp8.quantize.quantize_for_mode` run on the same CUDA
 tensor: every output must be bit-identical (fp8 bytes, ``descale``, ``token_descale``,
 ``block_offsets``), per mode, on random jagged batches with empty and length-1 sequences, and
-on values around every e4m3 rounding boundary and out of range (mode 0's plain cast).
+on values around every e4m3 rounding boundary and out of range (mode 0's plain cast), with
+``exact=True``; the default (reciprocal multiply) within one fp8 step of it.
 """
 
 import pytest
@@ -28,7 +29,7 @@ def _assert_identical(x, offsets, mode, colwise, block, max_seq_len, chunk=128) 
 
     ref = quantize_for_mode(x, offsets, mode, block, colwise=colwise, chunk=chunk)
     got = triton_quantize_for_mode(x, offsets, mode, block, colwise=colwise, chunk=chunk,
-                                   max_seq_len=max_seq_len)
+                                   max_seq_len=max_seq_len, exact=True)
     where = f"mode={mode} colwise={colwise} block={block} shape={tuple(x.shape)} {x.dtype}"
     assert got.values.dtype == FP8_DTYPE, where
     bad = (got.values.view(torch.uint8) != ref.values.view(torch.uint8)).sum().item()
@@ -66,6 +67,29 @@ def test_strided_input_int32_offsets_and_long_sequences():
     for part in range(3):
         for mode, colwise, block in VARIANTS:
             _assert_identical(qkv[:, part], offsets, mode, colwise, block, max(lengths))
+
+
+def test_default_reciprocal_within_one_step():
+    """The default quantizers multiply by the reciprocal descale: against ``exact=True`` the
+    descales are identical and an fp8 code moves by at most one step, rarely."""
+    from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode
+
+    device = torch.device("cuda")
+    lengths = [0, 1, 1000, 129, 128, 0, 257]
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(sum(lengths), 4, 128, device=device, generator=gen) * 3).to(torch.bfloat16)
+    for mode, colwise, block in VARIANTS:
+        exact, fast = (triton_quantize_for_mode(x, offsets, mode, block, colwise=colwise,
+                                                max_seq_len=max(lengths), exact=flag)
+                       for flag in (True, False))
+        where = f"mode={mode} colwise={colwise} block={block}"
+        assert torch.equal(exact.descale, fast.descale), where
+        assert torch.equal(exact.token_descale, fast.token_descale), where
+        a, b = (q.values.view(torch.uint8).int() for q in (exact, fast))
+        assert ((a ^ b) & 0x80).eq(0).all(), where
+        assert (a - b).abs().max().item() <= 1, where
+        assert (a != b).sum().item() <= max(1, a.numel() // 10_000), where
 
 
 def test_empty_inputs():

@@ -109,3 +109,52 @@ def test_full_triton_kernels_forward_and_backward(tmp_path, part, cases):
         # in another order. Measured (2026-11-25, Triton 3.6 interpreter): <= 3.6e-7 for both.
         for output, err in zip(("out", "dq", "dk", "dv"), errs):
             assert err < 1e-5, f"{name} {output}: max error {err:.2e} of max|ref|"
+
+
+_QUANTIZER_SCRIPT = """
+    import json
+
+    import torch
+    from torchrec_hstu.ops.fp8.quantize import quantize_for_mode
+    from torchrec_hstu.ops.triton import fp8_quantize
+    from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode
+
+    torch.manual_seed(0)
+    lengths = [0, 1, 37, 70, 5]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    x = torch.randn(sum(lengths), 2, 24) * 3
+    variants = [(0, False), (1, False), (1, True), (2, False), (3, False), (4, False), (5, False)]
+    result = {}
+    # (exact, sub_t): the whole tile, 8-token pieces (two reads per piece in modes 2 and 1
+    # column-wise), and the default reciprocal multiply.
+    for exact, sub_t in ((True, None), (True, 8), (False, None)):
+        for mode, colwise in variants:
+            want = quantize_for_mode(x, offsets, mode, 32, colwise=colwise, chunk=32)
+            fp8_quantize._TUNING.clear()
+            if sub_t:
+                fp8_quantize._TUNING["sub_t"] = sub_t
+            got = triton_quantize_for_mode(x, offsets, mode, 32, colwise=colwise, chunk=32,
+                                           max_seq_len=70, exact=exact)
+            fp8_quantize._TUNING.clear()
+            a = got.values.view(torch.uint8).int()
+            b = want.values.view(torch.uint8).int()
+            result[f"exact={exact}/sub_t={sub_t}/mode={mode}/colwise={colwise}"] = dict(
+                differ=int((a != b).sum()), max_code_step=int((a - b).abs().max()),
+                same_sign=bool(((a ^ b) & 0x80).eq(0).all()),
+                descales=bool(torch.equal(got.descale, want.descale)
+                              and torch.equal(got.token_descale, want.token_descale)))
+    print(json.dumps(result))
+"""
+
+
+def test_fp8_quantizers_against_pytorch(tmp_path):
+    """The fused quantizers in the interpreter (integer cast) vs the PyTorch quantizers: with
+    ``exact`` bit-identical (whole tiles and tiles walked in pieces); by default (reciprocal
+    multiply) the same descales and fp8 codes at most one step apart."""
+    result = run_in_interpreter(_QUANTIZER_SCRIPT, tmp_path)
+    assert len(result) == 21
+    for name, r in result.items():
+        assert r["descales"], name
+        assert r["same_sign"] and r["max_code_step"] <= 1, (name, r)
+        if name.startswith("exact=True"):
+            assert r["differ"] == 0, (name, r)

@@ -78,13 +78,16 @@ logger = logging.getLogger(__name__)
 #:
 #: * ``"fast"`` (default): Hopper's native fp8 wgmma for every product, and in the forward
 #:   ``silu`` through ``tanh.approx.f32`` (``silu(x) = h + h tanh(h)``, ``h = x / 2``), as the
-#:   CUTLASS kernel computes it. Error vs the float64 reference within 1.1x the emulation's
-#:   (the bound of notes decision 5; measured by ``benchmarks/fp8_fwd_speed.py``).
+#:   CUTLASS kernel computes it; the quantizers multiply by the reciprocal descale
+#:   (:func:`~torchrec_hstu.ops.triton.fp8_quantize.triton_quantize_for_mode`). Error vs the
+#:   float64 reference within 1.1x the emulation's (the bound of notes decision 5; measured by
+#:   ``benchmarks/fp8_fwd_speed.py``).
 #: * ``"mixed"``: exact products for the score products (``q k^T``, ``dO v^T``, whose results are
 #:   re-quantized, where a tiny error flips fp8 roundings of P / dS), native fp8 for the value
 #:   products (``P v``, ``P^T dO``, ``dS^T q``, ``dS k``); exact sigmoid.
-#: * ``"precise"``: every product exact (fp16 upcast, fp32 accumulation) and the exact sigmoid:
-#:   equal to the PyTorch emulation up to fp32 summation order (tested).
+#: * ``"precise"``: every product exact (fp16 upcast, fp32 accumulation), the exact sigmoid and
+#:   the quantizers' exact division: equal to the PyTorch emulation up to fp32 summation order
+#:   (tested).
 #:
 #: The choice is always the caller's: nothing here switches it.
 FP8_ACCUMULATIONS = ("precise", "mixed", "fast")
@@ -789,6 +792,14 @@ def fp8_fwd_candidates(dqk: int, dv: int, fp8_accumulation: str = DEFAULT_FP8_AC
             return [KernelConfig(64, 0, 4, 3), KernelConfig(128, 0, 8, 3)]
         # Exact products on 16-bit wgmma (fp16 upcast): 64/4/3 spills, 128/8/2 does not.
         return [KernelConfig(128, 0, 8, 2)]
+    if fp8_accumulation == "fast":
+        # H200 (2026-12-03, B=16, N=8192, kernel alone, modes 2 / 5): 128/8/3 3.29 / 3.34 ms
+        # (1.42x / 1.40x our bf16), 128/8/2 4.36, 64/4/2 4.50 / 4.72, 64/4/1 4.54 / 4.46,
+        # 128/8/1 5.76 / 5.62. ptxas: 241-245 registers, no spills at 128/8/*; 64/4/2-3 spill.
+        # 128/8/3 needs 132 KB of shared memory, more than SM89 / SM120 give a program, so it
+        # is second: the autotuner (N >= 512) takes it where it fits, the untuned default is
+        # the config that fits everywhere.
+        return [KernelConfig(128, 0, 8, 2), KernelConfig(128, 0, 8, 3)]
     # 128/8/2 beat 64/4/2 and 128/8/1 for D = 256 (H100, 2026-11-25).
     return [KernelConfig(128, 0, 8, 2)]
 
@@ -843,21 +854,22 @@ class FP8ForwardInputs:
 
 def fp8_fwd_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      seq_offsets: torch.Tensor, max_seq_len: int,
-                     fp8_quant_mode: int) -> FP8ForwardInputs:
+                     fp8_quant_mode: int, exact: bool = False) -> FP8ForwardInputs:
     """Quantize ``q, k, v`` for ``fp8_quant_mode`` with the forward tiles (fused Triton
-    quantizers, bit-identical to :func:`~torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and
-    lay ``v`` out transposed (:func:`_transposed_aligned`)."""
+    quantizers; with ``exact`` bit-identical to
+    :func:`~torchrec_hstu.ops.fp8.quantize.quantize_for_mode`) and lay ``v`` out transposed
+    (:func:`_transposed_aligned`)."""
     from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
     from torchrec_hstu.ops.triton.fp8_quantize import triton_quantize_for_mode as quantize_for_mode
 
     tiles = FP8TileSizes.for_head_dim(max(q.shape[2], v.shape[2]))
     chunk = tiles.colwise_chunk
     q_q = quantize_for_mode(q, seq_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk,
-                            max_seq_len=max_seq_len)
+                            max_seq_len=max_seq_len, exact=exact)
     k_q = quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk,
-                            max_seq_len=max_seq_len)
+                            max_seq_len=max_seq_len, exact=exact)
     v_q = quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True,
-                            chunk=chunk, max_seq_len=max_seq_len)
+                            chunk=chunk, max_seq_len=max_seq_len, exact=exact)
     return FP8ForwardInputs(q_q, k_q, v_q, _transposed_aligned(v_q.values, seq_offsets, max_seq_len))
 
 
@@ -951,7 +963,8 @@ def fp8_fwd(
     batch = seq_offsets.numel() - 1
     if total == 0 or batch == 0:
         return torch.zeros((total, num_heads, v.shape[2]), dtype=q.dtype, device=q.device)
-    inputs = fp8_fwd_quantize(q, k, v, seq_offsets, max_seq_len, fp8_quant_mode)
+    inputs = fp8_fwd_quantize(q, k, v, seq_offsets, max_seq_len, fp8_quant_mode,
+                              exact=fp8_accumulation == "precise")
     return fp8_fwd_kernel(inputs, q.dtype, seq_offsets, num_targets, max_seq_len, alpha,
                           scaling_seqlen, mask, fp8_quant_mode, config, fp8_accumulation)
 
@@ -980,7 +993,8 @@ def fp8_bwd(
 
     def quantize_for_mode(x, offsets, quant_mode, block, colwise=False, chunk=128):
         return triton_quantize_for_mode(x, offsets, quant_mode, block, colwise=colwise,
-                                        chunk=chunk, max_seq_len=max_seq_len)
+                                        chunk=chunk, max_seq_len=max_seq_len,
+                                        exact=fp8_accumulation == "precise")
 
     total, num_heads, dqk = q.shape
     dv_dim = v.shape[2]
