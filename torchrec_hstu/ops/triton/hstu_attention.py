@@ -401,9 +401,12 @@ def fwd_candidates(block_dqk: int, block_dv: int, dtype: torch.dtype) -> List[Ke
     if dtype == torch.float32:
         return [KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 2)]
     # Pruned to configs that won or came within 5% on H100 (2026-11-25 runs, N = 1024..4096).
+    # H200 (2026-12-03, B=16, N = 4096 / 8192, pinned, benchmarks/tools/fwd_configs.py):
+    # D=128 128/32/8/4 0.545 / 2.246 ms, the fastest, beside 128/64/8/3 0.561 / 2.275;
+    # D=256 128/32/8/3 1.082 / 4.603 vs 128/64/8/2 1.202 / 4.610; everything else slower.
     if wide <= 128:
-        return [KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3),
-                KernelConfig(64, 64, 4, 3)]
+        return [KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 8, 4),
+                KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3)]
     return [KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 8, 3)]
 
 
