@@ -230,7 +230,8 @@ def fp8_delta_fwd(
         return out.zero_()
     tiles = FP8TileSizes.for_head_dim(max(dqk, dv))
     chunk = tiles.colwise_chunk
-    # Fused Triton quantizers, bit-identical to ops.fp8.quantize (the emulation's).
+    # Fused Triton quantizers: ops.fp8.quantize's (the emulation's) descales, fp8 codes within
+    # one step at rounding ties (reciprocal multiply, as the default "fast" accumulation).
     q_q = triton_quantize_for_mode(delta_q, delta_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk,
                                    max_seq_len=max_delta_len)
     k_q = triton_quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk,

@@ -345,8 +345,8 @@ def triton_quantize_for_mode(
     """Quantize one operand for ``fp8_quant_mode`` with fused Triton kernels.
 
     Same contract and outputs as :func:`torchrec_hstu.ops.fp8.quantize.quantize_for_mode`
-    (bit-identical on the same device with ``exact=True``), plus ``max_seq_len``, which sizes the launch grid so
-    that no length is read on the host.
+    (bit-identical on the same device with ``exact=True``), plus ``max_seq_len``, which sizes
+    the launch grid so that no length is read on the host.
 
     Args:
         x: ``[L, H, D]`` bf16 / fp16 / fp32 on CUDA (or CPU under ``TRITON_INTERPRET=1``), last
