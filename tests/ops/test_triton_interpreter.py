@@ -143,6 +143,23 @@ _QUANTIZER_SCRIPT = """
                 same_sign=bool(((a ^ b) & 0x80).eq(0).all()),
                 descales=bool(torch.equal(got.descale, want.descale)
                               and torch.equal(got.token_descale, want.token_descale)))
+    # Block offsets computed once by the caller and shared between operands: same outputs; a
+    # wrong shape is refused.
+    from torchrec_hstu.ops.fp8.quantize import sequence_block_offsets
+
+    shared = {}
+    for mode, colwise in ((2, False), (1, True)):
+        own = triton_quantize_for_mode(x, offsets, mode, 32, colwise=colwise, chunk=32, max_seq_len=70)
+        given = triton_quantize_for_mode(x, offsets, mode, 32, colwise=colwise, chunk=32, max_seq_len=70,
+                                         block_offsets=sequence_block_offsets(offsets, 32))
+        shared[f"mode={mode}"] = all(torch.equal(getattr(own, f), getattr(given, f)) for f in
+                                     ("values", "descale", "token_descale", "block_offsets"))
+    try:
+        triton_quantize_for_mode(x, offsets, 2, 32, max_seq_len=70, block_offsets=offsets[:-1])
+        shared["refused"] = False
+    except ValueError as err:
+        shared["refused"] = "block_offsets must be a [B + 1]" in str(err)
+    result["shared_block_offsets"] = shared
     print(json.dumps(result))
 """
 
@@ -150,8 +167,10 @@ _QUANTIZER_SCRIPT = """
 def test_fp8_quantizers_against_pytorch(tmp_path):
     """The fused quantizers in the interpreter (integer cast) vs the PyTorch quantizers: with
     ``exact`` bit-identical (whole tiles and tiles walked in pieces); by default (reciprocal
-    multiply) the same descales and fp8 codes at most one step apart."""
+    multiply) the same descales and fp8 codes at most one step apart; caller-given block offsets
+    change nothing, and a wrong one is refused."""
     result = run_in_interpreter(_QUANTIZER_SCRIPT, tmp_path)
+    assert result.pop("shared_block_offsets") == {"mode=2": True, "mode=1": True, "refused": True}
     assert len(result) == 21
     for name, r in result.items():
         assert r["descales"], name

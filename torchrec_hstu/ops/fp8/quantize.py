@@ -154,6 +154,13 @@ def _quantize(x: torch.Tensor, token_descale: torch.Tensor) -> torch.Tensor:
     return (x.float() / token_descale).to(FP8_DTYPE)
 
 
+def sequence_block_offsets(seq_offsets: torch.Tensor, block_size: int) -> torch.Tensor:
+    """First block of each sequence when every sequence is cut into ``block_size``-token blocks
+    from its start: ``[B + 1]`` int64 (``ceil(length / block_size)`` summed exclusively)."""
+    lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
+    return lengths_to_offsets(torch.div(lengths + block_size - 1, block_size, rounding_mode="floor"))
+
+
 def sequence_block_ids(
     seq_offsets: torch.Tensor, total_len: int, block_size: int
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -172,8 +179,7 @@ def sequence_block_ids(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive; got {block_size}")
     batch_size = seq_offsets.numel() - 1
-    lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
-    block_offsets = lengths_to_offsets(torch.div(lengths + block_size - 1, block_size, rounding_mode="floor"))
+    block_offsets = sequence_block_offsets(seq_offsets, block_size)
     batch_ids, positions = jagged_token_positions(seq_offsets.to(torch.int64), total_len)
     block_ids = block_offsets.index_select(0, batch_ids) + torch.div(positions, block_size, rounding_mode="floor")
     bound = (total_len + batch_size * (block_size - 1)) // block_size

@@ -52,8 +52,8 @@ from torchrec_hstu.ops.fp8.quantize import (
     SCALE_EPS,
     FP8Quantized,
     descale_from_amax,
+    sequence_block_offsets,
 )
-from torchrec_hstu.ops.jagged import lengths_to_offsets
 from torchrec_hstu.ops.triton._common import interpret_mode
 
 #: Tokens x heads rows per program of the row kernels (modes 0, 1 row-wise, 5).
@@ -316,11 +316,6 @@ def _check(x: torch.Tensor, seq_offsets: torch.Tensor, fp8_quant_mode: int,
             f"{fp8_quant_mode}; got {max_seq_len!r}")
 
 
-def _block_offsets(seq_offsets: torch.Tensor, block: int) -> torch.Tensor:
-    lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
-    return lengths_to_offsets(torch.div(lengths + block - 1, block, rounding_mode="floor"))
-
-
 def _warps(elements: int) -> int:
     return 4 if elements <= 8192 else 8
 
@@ -341,6 +336,7 @@ def triton_quantize_for_mode(
     chunk: int = COLWISE_CHUNK,
     max_seq_len: Optional[int] = None,
     exact: bool = False,
+    block_offsets: Optional[torch.Tensor] = None,
 ) -> FP8Quantized:
     """Quantize one operand for ``fp8_quant_mode`` with fused Triton kernels.
 
@@ -360,6 +356,10 @@ def triton_quantize_for_mode(
             unquantized).
         exact: divide by the descale (bit-identical to the PyTorch quantizers) instead of
             multiplying by its reciprocal (faster; see the module docstring).
+        block_offsets: modes 1 column-wise and 2: ``sequence_block_offsets(seq_offsets, tile)``
+            for this call's tile (``chunk`` / ``block_size``), when the caller quantizes several
+            operands of one batch with the same tile (it saves the small ops that compute
+            them, host time in eager calls); computed here when None.
 
     Returns:
         :class:`~torchrec_hstu.ops.fp8.quantize.FP8Quantized`: ``values [L, H, D]``
@@ -437,7 +437,13 @@ def triton_quantize_for_mode(
         return FP8Quantized(values, descale, descale.view(1, 1, 1).expand(total, heads, 1))
     if mode in (1, 2):
         tile = chunk if colwise else block_size
-        block_offsets = _block_offsets(seq_offsets, tile)
+        if block_offsets is None:
+            block_offsets = sequence_block_offsets(seq_offsets, tile)
+        elif block_offsets.shape != (batch + 1,) or block_offsets.device != device:
+            raise ValueError(
+                f"block_offsets must be a [B + 1] = [{batch + 1}] tensor on {device} "
+                f"(sequence_block_offsets(seq_offsets, {tile})); got shape "
+                f"{tuple(block_offsets.shape)} on {block_offsets.device}")
         bound = (total + batch * (tile - 1)) // tile
         shape = (bound, heads, dim) if colwise else (bound, heads)
         descale = torch.full(shape, SCALE_EPS, **fp32)
