@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 #:   ``benchmarks/fp8_fwd_speed.py``).
 #: * ``"mixed"``: exact products for the score products (``q k^T``, ``dO v^T``, whose results are
 #:   re-quantized, where a tiny error flips fp8 roundings of P / dS), native fp8 for the value
-#:   products (``P v``, ``P^T dO``, ``dS^T q``, ``dS k``); exact sigmoid.
+#:   products (``P v``, ``P^T dO``, ``dS^T q``, ``dS k``); exact sigmoid and exact quantizers.
 #: * ``"precise"``: every product exact (fp16 upcast, fp32 accumulation), the exact sigmoid and
 #:   the quantizers' exact division: equal to the PyTorch emulation up to fp32 summation order
 #:   (tested).
@@ -985,7 +985,7 @@ def fp8_fwd(
     if total == 0 or batch == 0:
         return torch.zeros((total, num_heads, v.shape[2]), dtype=q.dtype, device=q.device)
     inputs = fp8_fwd_quantize(q, k, v, seq_offsets, max_seq_len, fp8_quant_mode,
-                              exact=fp8_accumulation == "precise")
+                              exact=fp8_accumulation != "fast")
     return fp8_fwd_kernel(inputs, q.dtype, seq_offsets, num_targets, max_seq_len, alpha,
                           scaling_seqlen, mask, fp8_quant_mode, config, fp8_accumulation)
 
@@ -1020,7 +1020,7 @@ def fp8_bwd(
     tiles = FP8TileSizes.for_head_dim(max(dqk, dv_dim))
     bm, bn, chunk = tiles.bwd_block_m, tiles.bwd_block_n, tiles.colwise_chunk
     mode = fp8_quant_mode
-    quantize = _batch_quantizer(seq_offsets, max_seq_len, mode, chunk, fp8_accumulation == "precise")
+    quantize = _batch_quantizer(seq_offsets, max_seq_len, mode, chunk, fp8_accumulation != "fast")
 
     def quant(x: torch.Tensor, block: int):
         row = quantize(x, block)

@@ -29,7 +29,8 @@ dividing: one multiply per element where a division costs a dozen instructions, 
 bounds these kernels (H200, 2026-12-03: mode 2 1.72 -> 2.14 TB/s). The product can differ from
 the quotient in the last fp32 bit, which moves an fp8 value by one step only at a rounding tie
 (1 byte in 33.5M in that run); descales and offsets stay identical. The FP8 attention's
-``"precise"`` accumulation uses ``exact=True`` (bit-level agreement with the emulation).
+``"precise"`` and ``"mixed"`` accumulations use ``exact=True`` (bit-level agreement with the
+emulation; only ``"fast"`` takes the reciprocal).
 
 Example::
 
