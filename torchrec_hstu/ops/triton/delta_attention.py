@@ -30,6 +30,7 @@ import triton.language as tl
 from torchrec_hstu.ops.common import AttentionOptions
 from torchrec_hstu.ops.triton._common import interpret_mode, seq_num_targets, seq_span
 from torchrec_hstu.ops.triton.fp8_attention import (
+    _batch_quantizer,
     _fp8_block_dim,
     _fp8_fwd_query_block,
     _max_imprecise,
@@ -234,10 +235,10 @@ def fp8_delta_fwd(
     # one step at rounding ties (reciprocal multiply, as the default "fast" accumulation).
     q_q = triton_quantize_for_mode(delta_q, delta_offsets, fp8_quant_mode, tiles.fwd_block_m, chunk=chunk,
                                    max_seq_len=max_delta_len)
-    k_q = triton_quantize_for_mode(k, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, chunk=chunk,
-                                   max_seq_len=max_seq_len)
-    v_q = triton_quantize_for_mode(v, seq_offsets, fp8_quant_mode, tiles.fwd_block_n, colwise=True, chunk=chunk,
-                                   max_seq_len=max_seq_len)
+    # k and v share seq_offsets and their tile: one set of block offsets for both.
+    quantize_kv = _batch_quantizer(seq_offsets, max_seq_len, fp8_quant_mode, chunk, exact=False)
+    k_q = quantize_kv(k, tiles.fwd_block_n)
+    v_q = quantize_kv(v, tiles.fwd_block_n, colwise=True)
     q8, k8, vt = q_q.values, k_q.values, _transposed(v_q.values)
     block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv)
     # 64 rows per program on the GPU, as the full FP8 forward (fp8 dots of 64 x BLOCK_N map to

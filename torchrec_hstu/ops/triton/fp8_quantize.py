@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from torchrec_hstu.ops.fp8.arch import TRITON_FP8_MIN_CAPABILITY
 from torchrec_hstu.ops.fp8.quantize import (
     COLWISE_CHUNK,
     FP8_DTYPE,
@@ -287,13 +288,13 @@ _HARDWARE_CAST: Dict[int, bool] = {}
 
 def hardware_fp8_cast(device: torch.device) -> bool:
     """Whether kernels on ``device`` can use the GPU's fp32 -> e4m3 conversion instruction
-    (CUDA compute capability 8.9 or newer; never under Triton's CPU interpreter, whose cast
+    (the Triton FP8 gate's compute capability, 8.9 or newer; never under Triton's CPU interpreter, whose cast
     rounds some values wrongly). Cached per CUDA device index."""
     if device.type != "cuda" or interpret_mode():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _HARDWARE_CAST:
-        _HARDWARE_CAST[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+        _HARDWARE_CAST[index] = torch.cuda.get_device_capability(index) >= TRITON_FP8_MIN_CAPABILITY
     return _HARDWARE_CAST[index]
 
 
