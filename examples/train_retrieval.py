@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--relative-attention-bias", action=argparse.BooleanOptionalAction, default=False,
                    help="HSTU: the paper's relative position + time attention bias in every layer (dense PyTorch attention)")
     g.add_argument("--attn-alpha", type=float, default=None, help="HSTU: scale of q k^T (default 1/sqrt(attention dim))")
+    g.add_argument("--uvqk-activation", default="u", choices=("u", "all"),
+                   help="HSTU: silu on u only (GR's production STU) or on all of u, v, q, k (GR's research HSTU)")
     g.add_argument("--kernel", default=None,
                    help="attention kernel: auto, pytorch, triton, cutlass (default: the config's, else auto)")
     g = p.add_argument_group("training")
@@ -283,6 +285,7 @@ def build_model(args: argparse.Namespace, num_items: int) -> SequentialRetrieval
         kernel=args.kernel or "auto",
         relative_attention_bias=args.relative_attention_bias,
         attn_alpha=args.attn_alpha,
+        uvqk_activation=args.uvqk_activation,
     )
 
 

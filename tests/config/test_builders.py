@@ -38,7 +38,7 @@ def test_stu_fields_reach_every_layer():
       embedding_dim: 12 num_heads: 3 hidden_dim: 5 attention_dim: 7 output_dropout_ratio: 0.15
       max_attn_len: 9 attn_alpha: 0.25 use_group_norm: true recompute_normed_x: false
       recompute_uvqk: false recompute_y: false sort_by_length: false contextual_seq_len: 0
-      sla_k1: 0 sla_k2: 0 scaling_seqlen: 77 fp8_quant_mode: 4"""
+      sla_k1: 0 sla_k2: 0 scaling_seqlen: 77 uvqk_activation: "all" fp8_quant_mode: 4"""
     stu = text_format.Parse(stu_text, hstu_pb2.STU())
     covered = set()
     hstu = hstu_pb2.HSTU(stu=stu, attn_num_layers=2)
@@ -57,6 +57,8 @@ def test_stu_fields_reach_every_layer():
         assert opts.contextual_seq_len == 0; covered.add("contextual_seq_len")
         assert opts.scaling_seqlen == 77; covered.add("scaling_seqlen")
         assert opts.fp8_quant_mode == 4 and layer.fp8_quant_mode == 4; covered.add("fp8_quant_mode")
+        assert cfg.uvqk_activation == "all"
+        covered.add("uvqk_activation")
     # SLA (needs no window): a second config.
     sla = build_transducer(parse_config("stu { %s sla_k1: 6 sla_k2: 3 max_attn_len: 0 }" % stu_text.replace("max_attn_len: 9", "")
                                          .replace("sla_k1: 0 sla_k2: 0", ""), hstu_pb2.HSTU))
@@ -72,6 +74,7 @@ def test_stu_defaults_reach_layers():
     assert layer.config.alpha == 1 / math.sqrt(16)
     assert layer.attention_options.scaling_seqlen == -1  # batch max_seq_len at run time
     assert layer.attention_options.fp8_quant_mode == -1
+    assert layer.config.uvqk_activation == "u"
     assert layer.config.recompute_y
 
 

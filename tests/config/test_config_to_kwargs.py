@@ -21,6 +21,7 @@ def test_unset_fields_give_declared_defaults_and_sentinels():
         "output_dropout_ratio": 0.3, "max_attn_len": 0, "attn_alpha": 0.0, "use_group_norm": False,
         "recompute_normed_x": True, "recompute_uvqk": True, "recompute_y": True,
         "contextual_seq_len": -1, "sla_k1": 0, "sla_k2": 0, "scaling_seqlen": -1, "fp8_quant_mode": -1,
+        "uvqk_activation": "u",
     }
     # Every field of the descriptor is present, in declaration order, except the deprecated
     # ones (TorchEasyRec's sort_by_length: parsed, reaches no constructor).

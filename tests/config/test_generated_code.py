@@ -116,7 +116,8 @@ def test_anchor_field_numbers():
     stu = {f.name: f.number for f in hstu_pb2.STU.DESCRIPTOR.fields}
     assert stu["contextual_seq_len"] == 13 and stu["sla_k1"] == 14 and stu["sla_k2"] == 15
     assert stu["scaling_seqlen"] == 16 and stu["fp8_quant_mode"] == 17
-    assert sorted(stu.values()) == list(range(1, 18))
+    assert sorted(stu.values()) == list(range(1, 19))
+    assert stu["uvqk_activation"] == 18  # ours, after TorchEasyRec's 1..17
     hstu = {f.name: f.number for f in hstu_pb2.HSTU.DESCRIPTOR.fields}
     assert hstu == {
         "stu": 1, "input_dropout_ratio": 2, "attn_num_layers": 3, "positional_encoder": 4,

@@ -171,7 +171,7 @@ def test_module_level_channel_name_errors():
 @pytest.mark.parametrize(
     "field,value",
     [("num_heads", 0), ("attention_dim", 0), ("output_dropout_ratio", 1.5), ("contextual_seq_len", -3),
-     ("attn_alpha", -0.5), ("scaling_seqlen", 0), ("fp8_quant_mode", 9)],
+     ("attn_alpha", -0.5), ("scaling_seqlen", 0), ("fp8_quant_mode", 9), ("uvqk_activation", "silu")],
 )
 def test_config_and_layer_config_say_the_same_rule(field, value):
     """One rule, two callers: the layer config's ValueError and config validation's ConfigError

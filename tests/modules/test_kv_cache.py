@@ -100,6 +100,7 @@ OPTION_CASES: Dict[str, Tuple[dict, Tuple[int, int], str]] = {
     "fixed_scaling_group_norm": (dict(scaling_seqlen=30, use_group_norm=True), (0, 0), "some"),
     "not_target_aware": (dict(target_aware=False), (0, 0), "all"),
     "truncation": (dict(scaling_seqlen=25, contextual_seq_len=1), (2, 4), "all"),
+    "uvqk_activation_all": (dict(uvqk_activation="all"), (0, 0), "some"),
 }
 
 

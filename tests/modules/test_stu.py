@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchrec_hstu.modules import STULayer, STULayerConfig, STUStack
+from torchrec_hstu.ops.hstu_compute import hstu_compute_uqvk
 from tests.strategies import JaggedBatch, gr_mask_rule, jagged_batches, oracle_attention
 
 
@@ -23,7 +24,11 @@ def oracle_layer(
     x = x.double()
     normed = F.layer_norm(x, (x.shape[1],), layer.input_norm_weight.double(), layer.input_norm_bias.double(), 1e-6)
     uvqk = normed @ layer.uvqk_weight.double() + layer.uvqk_beta.double()
-    u = F.silu(uvqk[:, : h * heads])
+    if cfg.uvqk_activation == "all":  # GR's research HSTU: silu on u, v, q and k
+        uvqk = F.silu(uvqk)
+        u = uvqk[:, : h * heads]
+    else:  # GR's production STU: silu on u only
+        u = F.silu(uvqk[:, : h * heads])
     v = uvqk[:, h * heads : 2 * h * heads].reshape(-1, heads, h)
     q = uvqk[:, 2 * h * heads : 2 * h * heads + a * heads].reshape(-1, heads, a)
     k = uvqk[:, 2 * h * heads + a * heads :].reshape(-1, heads, a)
@@ -81,6 +86,42 @@ def test_layer_matches_formula(batch, use_group_norm, window, target_aware, scal
     torch.testing.assert_close(out, oracle_layer(layer, x, batch, max_seq_len, targets), atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("target_aware", [False, True])
+def test_uvqk_activation_all_matches_formula_and_changes_outputs(target_aware):
+    """``uvqk_activation="all"`` (GR's research HSTU) = the formula with silu on u, v, q and k;
+    the same weights with the default (silu on u only) give different outputs."""
+    batch = JaggedBatch(lengths=[4, 1, 6], num_targets=[1, 0, 2], contextual_seq_len=0)
+    layer = make_layer(uvqk_activation="all", target_aware=target_aware).double().eval()
+    x = torch.randn(batch.total_len, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = layer(x, batch.seq_offsets, 7, batch.num_targets_tensor())
+    targets = batch.num_targets if target_aware else None
+    torch.testing.assert_close(out, oracle_layer(layer, x, batch, 7, targets), atol=1e-10, rtol=1e-8)
+    default = make_layer(target_aware=target_aware).double().eval()
+    default.load_state_dict(layer.state_dict())
+    assert (out - default(x, batch.seq_offsets, 7, batch.num_targets_tensor())).abs().max() > 1e-3
+
+
+def test_uvqk_activation_default_is_the_previous_computation_bit_for_bit():
+    """The default (and ``"u"``) is the computation before the option existed, to the bit:
+    ``addmm`` of the normed input, split, silu on u only."""
+    layer = make_layer()
+    x = torch.randn(7, 8, generator=torch.Generator().manual_seed(4))
+    normed = F.layer_norm(x, (8,), layer.input_norm_weight, layer.input_norm_bias, 1e-6)
+    uvqk = torch.addmm(layer.uvqk_beta, normed, layer.uvqk_weight)
+    u, v, q, k = torch.split(uvqk, [6, 6, 8, 8], dim=1)
+    want = (F.silu(u), q.reshape(-1, 2, 4), k.reshape(-1, 2, 4), v.reshape(-1, 2, 3))
+    for recompute in (False, True):
+        for extra in ({}, {"uvqk_activation": "u"}):
+            got = hstu_compute_uqvk(x, *layer._projection(), recompute_normed_x=recompute,
+                                    recompute_uvqk=recompute, **extra)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    offsets = torch.tensor([0, 3, 7])
+    explicit = make_layer(uvqk_activation="u")
+    assert torch.equal(layer(x, offsets, 4), explicit(x, offsets, 4))
+    with pytest.raises(ValueError, match="uvqk_activation must be 'u'"):
+        hstu_compute_uqvk(x, *layer._projection(), uvqk_activation="ALL")
+
+
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("use_group_norm", [False, True])
 def test_gradcheck_layer(recompute, use_group_norm):
@@ -103,11 +144,12 @@ def test_gradcheck_layer(recompute, use_group_norm):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-def test_recompute_flags_do_not_change_results():
+@pytest.mark.parametrize("uvqk_activation", ["u", "all"])
+def test_recompute_flags_do_not_change_results(uvqk_activation):
     results = []
     for recompute in (False, True):
         layer = make_layer(recompute_normed_x=recompute, recompute_uvqk=recompute, recompute_y=recompute,
-                           output_dropout_ratio=0.3).train()
+                           output_dropout_ratio=0.3, uvqk_activation=uvqk_activation).train()
         x = torch.randn(9, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(3)  # same dropout mask in both runs
         out = layer(x, torch.tensor([0, 4, 9]), 5, torch.tensor([1, 2]))
@@ -221,6 +263,7 @@ def test_stack_shares_masks_across_layers():
         (dict(fp8_quant_mode=7), ValueError, r"fp8_quant_mode must be an int in \[-1, 5\]"),
         (dict(max_attn_len=-1), ValueError, "max_attn_len must be a non-negative int"),
         (dict(kernel="NOPE"), ValueError, "kernel must be one of"),
+        (dict(uvqk_activation="qk"), ValueError, r"uvqk_activation must be 'u' .* or 'all' .*; got 'qk'"),
         (dict(bogus=1), TypeError, "unknown arguments"),
     ],
 )
@@ -234,6 +277,7 @@ def test_layer_defaults_follow_the_anchors():
     assert cfg.output_dropout_ratio == 0.3 and cfg.causal and cfg.target_aware
     assert cfg.alpha == 0.25 and cfg.scaling_seqlen == -1 and cfg.fp8_quant_mode == -1
     assert not cfg.use_group_norm and cfg.attention_options().max_attn_len == 0
+    assert cfg.uvqk_activation == "u"  # GR's production STU: silu on u only
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftorchrec_hstu/config/hstu.proto\x12\x14torchrec_hstu.config\"\xbb\x03\n\x03STU\x12\x15\n\rembedding_dim\x18\x01 \x02(\r\x12\x11\n\tnum_heads\x18\x02 \x02(\r\x12\x12\n\nhidden_dim\x18\x03 \x02(\r\x12\x15\n\rattention_dim\x18\x04 \x02(\r\x12!\n\x14output_dropout_ratio\x18\x05 \x01(\x02:\x03\x30.3\x12\x14\n\x0cmax_attn_len\x18\x06 \x01(\r\x12\x12\n\nattn_alpha\x18\x07 \x01(\x02\x12\x1d\n\x0euse_group_norm\x18\x08 \x01(\x08:\x05\x66\x61lse\x12 \n\x12recompute_normed_x\x18\t \x01(\x08:\x04true\x12\x1c\n\x0erecompute_uvqk\x18\n \x01(\x08:\x04true\x12\x19\n\x0brecompute_y\x18\x0b \x01(\x08:\x04true\x12 \n\x0esort_by_length\x18\x0c \x01(\x08:\x04trueB\x02\x18\x01\x12\x1e\n\x12\x63ontextual_seq_len\x18\r \x01(\x05:\x02-1\x12\x0e\n\x06sla_k1\x18\x0e \x01(\r\x12\x0e\n\x06sla_k2\x18\x0f \x01(\r\x12\x1a\n\x0escaling_seqlen\x18\x10 \x01(\x05:\x02-1\x12\x1a\n\x0e\x66p8_quant_mode\x18\x11 \x01(\x05:\x02-1\"\xaf\x01\n\x11PositionalEncoder\x12\x1c\n\x14num_position_buckets\x18\x01 \x02(\r\x12\x18\n\x10num_time_buckets\x18\x02 \x01(\r\x12 \n\x11use_time_encoding\x18\x03 \x01(\x08:\x05\x66\x61lse\x12\x1c\n\x0etime_bucket_fn\x18\x04 \x01(\t:\x04sqrt\x12\"\n\x16time_bucket_increments\x18\x05 \x01(\x02:\x02\x36\x30\"\xbd\x01\n\x16\x43ontextualPreprocessor\x12\x12\n\nhidden_dim\x18\x01 \x02(\r\x12\x1e\n\x16\x63ontextual_feature_dim\x18\x02 \x01(\r\x12\x1e\n\x16max_contextual_seq_len\x18\x03 \x01(\r\x12\x1c\n\x14\x61\x63tion_embedding_dim\x18\x04 \x01(\r\x12\x16\n\x0e\x61\x63tion_weights\x18\x05 \x03(\r\x12\x19\n\x11\x61\x63tion_hidden_dim\x18\x06 \x01(\r\"z\n\x11InputPreprocessor\x12O\n\x17\x63ontextual_preprocessor\x18\x14 \x01(\x0b\x32,.torchrec_hstu.config.ContextualPreprocessorH\x00\x42\x14\n\x12input_preprocessor\")\n\x13L2NormPostprocessor\x12\x12\n\x03\x65ps\x18\x01 \x01(\x01:\x05\x31\x65-06\",\n\x16LayerNormPostprocessor\x12\x12\n\x03\x65ps\x18\x01 \x01(\x01:\x05\x31\x65-05\"\x81\x01\n\x1fTimestampLayerNormPostprocessor\x12\"\n\x1atime_duration_period_units\x18\x01 \x03(\r\x12&\n\x1etime_duration_units_per_period\x18\x02 \x03(\r\x12\x12\n\x03\x65ps\x18\x03 \x01(\x01:\x05\x31\x65-05\"\xad\x02\n\x13OutputPostprocessor\x12I\n\x14l2norm_postprocessor\x18\x1f \x01(\x0b\x32).torchrec_hstu.config.L2NormPostprocessorH\x00\x12O\n\x17layernorm_postprocessor\x18  \x01(\x0b\x32,.torchrec_hstu.config.LayerNormPostprocessorH\x00\x12\x62\n!timestamp_layernorm_postprocessor\x18! \x01(\x0b\x32\x35.torchrec_hstu.config.TimestampLayerNormPostprocessorH\x00\x42\x16\n\x14output_postprocessor\"\x94\x03\n\x04HSTU\x12&\n\x03stu\x18\x01 \x02(\x0b\x32\x19.torchrec_hstu.config.STU\x12 \n\x13input_dropout_ratio\x18\x02 \x01(\x02:\x03\x30.2\x12\x1a\n\x0f\x61ttn_num_layers\x18\x03 \x01(\r:\x01\x33\x12\x43\n\x12positional_encoder\x18\x04 \x01(\x0b\x32\'.torchrec_hstu.config.PositionalEncoder\x12\x43\n\x12input_preprocessor\x18\x05 \x01(\x0b\x32\'.torchrec_hstu.config.InputPreprocessor\x12G\n\x14output_postprocessor\x18\x06 \x01(\x0b\x32).torchrec_hstu.config.OutputPostprocessor\x12#\n\x1b\x61ttn_truncation_split_layer\x18\x07 \x01(\r\x12 \n\x18\x61ttn_truncation_tail_len\x18\x08 \x01(\r\x12\x0c\n\x04name\x18\t \x01(\t\"B\n\x04Task\x12\x11\n\ttask_name\x18\x01 \x02(\t\x12\x14\n\x0ctask_bitmask\x18\x03 \x01(\x04\x12\x11\n\x06weight\x18\x07 \x01(\x02:\x01\x31\"\xe6\x02\n\tHSTUModel\x12(\n\x04hstu\x18\x01 \x03(\x0b\x32\x1a.torchrec_hstu.config.HSTU\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\x1a\n\x12item_embedding_dim\x18\n \x01(\r\x12\x11\n\tnum_items\x18\x0b \x01(\x04\x12\x35\n\x06kernel\x18\x0c \x01(\x0e\x32\x1c.torchrec_hstu.config.Kernel:\x07PYTORCH\x12*\n\x16\x63\x61ndidate_feature_name\x18\r \x01(\t:\ncandidates\x12)\n\x05tasks\x18\x0e \x03(\x0b\x32\x1a.torchrec_hstu.config.Task\x12 \n\x13item_mlp_hidden_dim\x18\x0f \x01(\r:\x03\x31\x32\x38\x12\x1e\n\x11\x66usion_hidden_dim\x18\x10 \x01(\r:\x03\x31\x32\x38\x12\x1b\n\x0fnum_gap_buckets\x18\x11 \x01(\r:\x02\x33\x32*8\n\x06Kernel\x12\n\n\x06TRITON\x10\x00\x12\x0b\n\x07PYTORCH\x10\x01\x12\x0b\n\x07\x43UTLASS\x10\x02\x12\x08\n\x04\x41UTO\x10\x03')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftorchrec_hstu/config/hstu.proto\x12\x14torchrec_hstu.config\"\xd7\x03\n\x03STU\x12\x15\n\rembedding_dim\x18\x01 \x02(\r\x12\x11\n\tnum_heads\x18\x02 \x02(\r\x12\x12\n\nhidden_dim\x18\x03 \x02(\r\x12\x15\n\rattention_dim\x18\x04 \x02(\r\x12!\n\x14output_dropout_ratio\x18\x05 \x01(\x02:\x03\x30.3\x12\x14\n\x0cmax_attn_len\x18\x06 \x01(\r\x12\x12\n\nattn_alpha\x18\x07 \x01(\x02\x12\x1d\n\x0euse_group_norm\x18\x08 \x01(\x08:\x05\x66\x61lse\x12 \n\x12recompute_normed_x\x18\t \x01(\x08:\x04true\x12\x1c\n\x0erecompute_uvqk\x18\n \x01(\x08:\x04true\x12\x19\n\x0brecompute_y\x18\x0b \x01(\x08:\x04true\x12 \n\x0esort_by_length\x18\x0c \x01(\x08:\x04trueB\x02\x18\x01\x12\x1e\n\x12\x63ontextual_seq_len\x18\r \x01(\x05:\x02-1\x12\x0e\n\x06sla_k1\x18\x0e \x01(\r\x12\x0e\n\x06sla_k2\x18\x0f \x01(\r\x12\x1a\n\x0escaling_seqlen\x18\x10 \x01(\x05:\x02-1\x12\x1a\n\x0e\x66p8_quant_mode\x18\x11 \x01(\x05:\x02-1\x12\x1a\n\x0fuvqk_activation\x18\x12 \x01(\t:\x01u\"\xaf\x01\n\x11PositionalEncoder\x12\x1c\n\x14num_position_buckets\x18\x01 \x02(\r\x12\x18\n\x10num_time_buckets\x18\x02 \x01(\r\x12 \n\x11use_time_encoding\x18\x03 \x01(\x08:\x05\x66\x61lse\x12\x1c\n\x0etime_bucket_fn\x18\x04 \x01(\t:\x04sqrt\x12\"\n\x16time_bucket_increments\x18\x05 \x01(\x02:\x02\x36\x30\"\xbd\x01\n\x16\x43ontextualPreprocessor\x12\x12\n\nhidden_dim\x18\x01 \x02(\r\x12\x1e\n\x16\x63ontextual_feature_dim\x18\x02 \x01(\r\x12\x1e\n\x16max_contextual_seq_len\x18\x03 \x01(\r\x12\x1c\n\x14\x61\x63tion_embedding_dim\x18\x04 \x01(\r\x12\x16\n\x0e\x61\x63tion_weights\x18\x05 \x03(\r\x12\x19\n\x11\x61\x63tion_hidden_dim\x18\x06 \x01(\r\"z\n\x11InputPreprocessor\x12O\n\x17\x63ontextual_preprocessor\x18\x14 \x01(\x0b\x32,.torchrec_hstu.config.ContextualPreprocessorH\x00\x42\x14\n\x12input_preprocessor\")\n\x13L2NormPostprocessor\x12\x12\n\x03\x65ps\x18\x01 \x01(\x01:\x05\x31\x65-06\",\n\x16LayerNormPostprocessor\x12\x12\n\x03\x65ps\x18\x01 \x01(\x01:\x05\x31\x65-05\"\x81\x01\n\x1fTimestampLayerNormPostprocessor\x12\"\n\x1atime_duration_period_units\x18\x01 \x03(\r\x12&\n\x1etime_duration_units_per_period\x18\x02 \x03(\r\x12\x12\n\x03\x65ps\x18\x03 \x01(\x01:\x05\x31\x65-05\"\xad\x02\n\x13OutputPostprocessor\x12I\n\x14l2norm_postprocessor\x18\x1f \x01(\x0b\x32).torchrec_hstu.config.L2NormPostprocessorH\x00\x12O\n\x17layernorm_postprocessor\x18  \x01(\x0b\x32,.torchrec_hstu.config.LayerNormPostprocessorH\x00\x12\x62\n!timestamp_layernorm_postprocessor\x18! \x01(\x0b\x32\x35.torchrec_hstu.config.TimestampLayerNormPostprocessorH\x00\x42\x16\n\x14output_postprocessor\"\x94\x03\n\x04HSTU\x12&\n\x03stu\x18\x01 \x02(\x0b\x32\x19.torchrec_hstu.config.STU\x12 \n\x13input_dropout_ratio\x18\x02 \x01(\x02:\x03\x30.2\x12\x1a\n\x0f\x61ttn_num_layers\x18\x03 \x01(\r:\x01\x33\x12\x43\n\x12positional_encoder\x18\x04 \x01(\x0b\x32\'.torchrec_hstu.config.PositionalEncoder\x12\x43\n\x12input_preprocessor\x18\x05 \x01(\x0b\x32\'.torchrec_hstu.config.InputPreprocessor\x12G\n\x14output_postprocessor\x18\x06 \x01(\x0b\x32).torchrec_hstu.config.OutputPostprocessor\x12#\n\x1b\x61ttn_truncation_split_layer\x18\x07 \x01(\r\x12 \n\x18\x61ttn_truncation_tail_len\x18\x08 \x01(\r\x12\x0c\n\x04name\x18\t \x01(\t\"B\n\x04Task\x12\x11\n\ttask_name\x18\x01 \x02(\t\x12\x14\n\x0ctask_bitmask\x18\x03 \x01(\x04\x12\x11\n\x06weight\x18\x07 \x01(\x02:\x01\x31\"\xe6\x02\n\tHSTUModel\x12(\n\x04hstu\x18\x01 \x03(\x0b\x32\x1a.torchrec_hstu.config.HSTU\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\x1a\n\x12item_embedding_dim\x18\n \x01(\r\x12\x11\n\tnum_items\x18\x0b \x01(\x04\x12\x35\n\x06kernel\x18\x0c \x01(\x0e\x32\x1c.torchrec_hstu.config.Kernel:\x07PYTORCH\x12*\n\x16\x63\x61ndidate_feature_name\x18\r \x01(\t:\ncandidates\x12)\n\x05tasks\x18\x0e \x03(\x0b\x32\x1a.torchrec_hstu.config.Task\x12 \n\x13item_mlp_hidden_dim\x18\x0f \x01(\r:\x03\x31\x32\x38\x12\x1e\n\x11\x66usion_hidden_dim\x18\x10 \x01(\r:\x03\x31\x32\x38\x12\x1b\n\x0fnum_gap_buckets\x18\x11 \x01(\r:\x02\x33\x32*8\n\x06Kernel\x12\n\n\x06TRITON\x10\x00\x12\x0b\n\x07PYTORCH\x10\x01\x12\x0b\n\x07\x43UTLASS\x10\x02\x12\x08\n\x04\x41UTO\x10\x03')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,31 +23,31 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_STU'].fields_by_name['sort_by_length']._options = None
   _globals['_STU'].fields_by_name['sort_by_length']._serialized_options = b'\030\001'
-  _globals['_KERNEL']._serialized_start=2358
-  _globals['_KERNEL']._serialized_end=2414
+  _globals['_KERNEL']._serialized_start=2386
+  _globals['_KERNEL']._serialized_end=2442
   _globals['_STU']._serialized_start=58
-  _globals['_STU']._serialized_end=501
-  _globals['_POSITIONALENCODER']._serialized_start=504
-  _globals['_POSITIONALENCODER']._serialized_end=679
-  _globals['_CONTEXTUALPREPROCESSOR']._serialized_start=682
-  _globals['_CONTEXTUALPREPROCESSOR']._serialized_end=871
-  _globals['_INPUTPREPROCESSOR']._serialized_start=873
-  _globals['_INPUTPREPROCESSOR']._serialized_end=995
-  _globals['_L2NORMPOSTPROCESSOR']._serialized_start=997
-  _globals['_L2NORMPOSTPROCESSOR']._serialized_end=1038
-  _globals['_LAYERNORMPOSTPROCESSOR']._serialized_start=1040
-  _globals['_LAYERNORMPOSTPROCESSOR']._serialized_end=1084
-  _globals['_TIMESTAMPLAYERNORMPOSTPROCESSOR']._serialized_start=1087
-  _globals['_TIMESTAMPLAYERNORMPOSTPROCESSOR']._serialized_end=1216
-  _globals['_OUTPUTPOSTPROCESSOR']._serialized_start=1219
-  _globals['_OUTPUTPOSTPROCESSOR']._serialized_end=1520
-  _globals['_HSTU']._serialized_start=1523
-  _globals['_HSTU']._serialized_end=1927
-  _globals['_TASK']._serialized_start=1929
-  _globals['_TASK']._serialized_end=1995
-  _globals['_HSTUMODEL']._serialized_start=1998
-  _globals['_HSTUMODEL']._serialized_end=2356
+  _globals['_STU']._serialized_end=529
+  _globals['_POSITIONALENCODER']._serialized_start=532
+  _globals['_POSITIONALENCODER']._serialized_end=707
+  _globals['_CONTEXTUALPREPROCESSOR']._serialized_start=710
+  _globals['_CONTEXTUALPREPROCESSOR']._serialized_end=899
+  _globals['_INPUTPREPROCESSOR']._serialized_start=901
+  _globals['_INPUTPREPROCESSOR']._serialized_end=1023
+  _globals['_L2NORMPOSTPROCESSOR']._serialized_start=1025
+  _globals['_L2NORMPOSTPROCESSOR']._serialized_end=1066
+  _globals['_LAYERNORMPOSTPROCESSOR']._serialized_start=1068
+  _globals['_LAYERNORMPOSTPROCESSOR']._serialized_end=1112
+  _globals['_TIMESTAMPLAYERNORMPOSTPROCESSOR']._serialized_start=1115
+  _globals['_TIMESTAMPLAYERNORMPOSTPROCESSOR']._serialized_end=1244
+  _globals['_OUTPUTPOSTPROCESSOR']._serialized_start=1247
+  _globals['_OUTPUTPOSTPROCESSOR']._serialized_end=1548
+  _globals['_HSTU']._serialized_start=1551
+  _globals['_HSTU']._serialized_end=1955
+  _globals['_TASK']._serialized_start=1957
+  _globals['_TASK']._serialized_end=2023
+  _globals['_HSTUMODEL']._serialized_start=2026
+  _globals['_HSTUMODEL']._serialized_end=2384
 # @@protoc_insertion_point(module_scope)
 
 # sha256 of torchrec_hstu/config/hstu.proto this module was generated from (checked by the tests).
-PROTO_SHA256 = "bbbef7c610f08a8dd6c40f770c1250cf69fa0ecd770674054403918b532dea00"
+PROTO_SHA256 = "cdf5f969bb42a241e7ab69bf5ea8f1163ba8c93dc3ca02ece4bf6eaad53e99cf"

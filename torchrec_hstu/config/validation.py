@@ -102,7 +102,7 @@ def validate_stu(stu: hstu_pb2.STU, path: str = "stu", kernel: Optional[KernelLi
     try:
         check_stu_dims(stu.embedding_dim, stu.num_heads, stu.hidden_dim, stu.attention_dim,
                        shortest_float32(stu.output_dropout_ratio), stu.contextual_seq_len,
-                       shortest_float32(stu.attn_alpha))
+                       shortest_float32(stu.attn_alpha), stu.uvqk_activation)
         options = AttentionOptions(
             max_attn_len=max(stu.max_attn_len, 0),
             contextual_seq_len=max(stu.contextual_seq_len, 0),

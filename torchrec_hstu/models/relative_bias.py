@@ -178,7 +178,7 @@ class RelativeBiasSTULayer(STULayer):
         if num_targets is not None:
             raise ValueError("RelativeBiasSTULayer does not support num_targets; pass None")
         cfg = self.config
-        u, q, k, v = hstu_compute_uqvk(x, *self._projection())
+        u, q, k, v = hstu_compute_uqvk(x, *self._projection(), uvqk_activation=cfg.uvqk_activation)
         s = max(max_seq_len, 1)
         pq, pk, pv = (padded_values(t, x_offsets, s).transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         bias = self.relative_bias(self.batch_timestamps.to(x.device), x_offsets, s)

@@ -81,6 +81,7 @@ def default_retrieval_transducer(
     kernel: Union[HSTUKernel, str] = HSTUKernel.PYTORCH,
     relative_attention_bias: bool = False,
     attn_alpha: Optional[float] = None,
+    uvqk_activation: str = "u",
 ) -> HSTUTransducer:
     """The GR-style retrieval transducer from keyword arguments.
 
@@ -105,6 +106,8 @@ def default_retrieval_transducer(
             bias (:class:`~torchrec_hstu.models.relative_bias.RelativeBiasSTULayer`); the
             model must hand them each batch's timestamps (:class:`HSTURetrieval` does).
         attn_alpha: scale of ``q k^T`` (None: ``1/sqrt(attention_dim)``, GR's STU default).
+        uvqk_activation: ``"u"`` (silu on u only, GR's STU default) or ``"all"`` (silu on u, v,
+            q and k, as GR's research HSTU).
 
     Returns:
         :class:`HSTUTransducer` with ``return_full_embeddings=True``.
@@ -114,6 +117,8 @@ def default_retrieval_transducer(
     )
     if attn_alpha is not None:
         stu["attn_alpha"] = attn_alpha
+    if uvqk_activation != "u":
+        stu["uvqk_activation"] = uvqk_activation
     encoder = HSTUPositionalEncoder(
         num_position_buckets=max_seq_len + 1,
         num_time_buckets=num_time_buckets,

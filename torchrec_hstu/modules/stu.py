@@ -2,7 +2,7 @@
 
 One layer, on jagged token embeddings ``x: [L, d]``::
 
-    u, v, q, k = split(LayerNorm(x) @ W_uvqk + b);  u = silu(u)
+    u, v, q, k = split(LayerNorm(x) @ W_uvqk + b);  u = silu(u)   # uvqk_activation="all": all four
     a = hstu_attention(q, k, v)                      # silu(alpha q k^T) / N * mask, then @ v
     out = x + dropout([u, a, u * Norm(a)]) @ W_out
 """
@@ -59,7 +59,8 @@ class STULayerConfig:
     -1 -> 0 for a standalone layer (the transducer substitutes its preprocessor's prefix);
     ``scaling_seqlen`` -1 -> the batch ``max_seq_len``; ``fp8_quant_mode`` -1 -> off.
     ``min_full_attn_seq_len`` (generative-recommenders' option; not a proto field): with a window,
-    the last this-many history ids attend to the full history.
+    the last this-many history ids attend to the full history. ``uvqk_activation``: ``"u"`` (silu
+    on u only: GR's production STU) or ``"all"`` (silu on u, v, q and k: GR's research HSTU).
     """
 
     embedding_dim: int
@@ -81,10 +82,12 @@ class STULayerConfig:
     min_full_attn_seq_len: int = 0
     scaling_seqlen: int = -1
     fp8_quant_mode: int = -1
+    uvqk_activation: str = "u"
 
     def __post_init__(self) -> None:
         check_stu_dims(self.embedding_dim, self.num_heads, self.hidden_dim, self.attention_dim,
-                       self.output_dropout_ratio, self.contextual_seq_len, self.attn_alpha)
+                       self.output_dropout_ratio, self.contextual_seq_len, self.attn_alpha,
+                       self.uvqk_activation)
         self.attention_options()  # the attention rules live in AttentionOptions (raises ValueError)
 
     @property
@@ -116,7 +119,7 @@ class STULayer(nn.Module):
         **config: the other :class:`STULayerConfig` fields (``output_dropout_ratio``, ``causal``,
             ``target_aware``, ``max_attn_len``, ``attn_alpha``, ``use_group_norm``,
             ``recompute_*``, ``contextual_seq_len``, ``sla_k1``, ``sla_k2``,
-            ``scaling_seqlen``, ``fp8_quant_mode``).
+            ``scaling_seqlen``, ``fp8_quant_mode``, ``uvqk_activation``).
 
     Example::
 
@@ -242,6 +245,7 @@ class STULayer(nn.Module):
             recompute_uvqk=cfg.recompute_uvqk,
             cache=attention_cache,
             check_values=False,
+            uvqk_activation=cfg.uvqk_activation,
         )
 
     # ---------------------------------------------------------------- KV-cached inference
@@ -344,6 +348,7 @@ class STULayer(nn.Module):
             *self._projection(),
             recompute_normed_x=cfg.recompute_normed_x,
             recompute_uvqk=cfg.recompute_uvqk,
+            uvqk_activation=cfg.uvqk_activation,
         )
         full_offsets = kv_cache.offsets + delta_offsets
         full_k = concat_2D_jagged(kv_cache.k, k, kv_cache.offsets, delta_offsets)
@@ -388,6 +393,7 @@ class STULayer(nn.Module):
             f"embedding_dim={cfg.embedding_dim}, num_heads={cfg.num_heads}, "
             f"hidden_dim={cfg.hidden_dim}, attention_dim={cfg.attention_dim}, "
             f"kernel={self.kernel.value}, options={self.attention_options}"
+            + ("" if cfg.uvqk_activation == "u" else f", uvqk_activation={cfg.uvqk_activation!r}")
         )
 
 

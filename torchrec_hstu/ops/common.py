@@ -287,6 +287,20 @@ def _remember_checked(seq_offsets: torch.Tensor, total_len: int, max_seq_len: An
     _last_checked = None if key is None else (tuple(weakref.ref(t) for t in tensors), key)
 
 
+#: Which chunks of the ``[u | v | q | k]`` projection go through SiLU: ``"u"`` (u only: GR's
+#: production STU, the default) or ``"all"`` (u, v, q and k: GR's research HSTU, the paper's phi_1).
+UVQK_ACTIVATIONS = ("u", "all")
+
+
+def check_uvqk_activation(uvqk_activation: str) -> None:
+    """``ValueError`` unless ``uvqk_activation`` is one of :data:`UVQK_ACTIVATIONS`."""
+    if uvqk_activation not in UVQK_ACTIVATIONS:
+        raise ValueError(
+            "uvqk_activation must be 'u' (silu on u only) or 'all' (silu on u, v, q and k); "
+            f"got {uvqk_activation!r}"
+        )
+
+
 def check_stu_dims(
     embedding_dim: int,
     num_heads: int,
@@ -295,6 +309,7 @@ def check_stu_dims(
     output_dropout_ratio: float,
     contextual_seq_len: int,
     attn_alpha: Optional[float],
+    uvqk_activation: str = "u",
 ) -> None:
     """The structural rules of one STU layer, beside the attention rules of
     :class:`AttentionOptions`: the one place both ``STULayerConfig`` and config validation ask
@@ -316,6 +331,7 @@ def check_stu_dims(
         )
     if attn_alpha is not None and attn_alpha < 0:
         raise ValueError(f"attn_alpha must be >= 0 (0: 1/sqrt(attention_dim)); got {attn_alpha!r}")
+    check_uvqk_activation(uvqk_activation)
 
 
 def check_num_targets(num_targets: Optional[torch.Tensor], batch_size: int, device: torch.device) -> None:

@@ -3,7 +3,8 @@
 ``x: [L, d]`` are jagged token embeddings; ``H`` heads, ``hidden_dim`` (u, v per head),
 ``attention_dim`` (q, k per head).
 
-1. :func:`hstu_compute_uqvk`: ``LayerNorm(x) @ W_uvqk + b`` split into u, v, q, k; ``u = silu(u)``.
+1. :func:`hstu_compute_uqvk`: ``LayerNorm(x) @ W_uvqk + b`` split into u, v, q, k; ``u = silu(u)``
+   (``uvqk_activation="all"``: silu on u, v, q and k, as GR's research HSTU).
 2. :func:`hstu_preprocess_and_attention`: 1 + :func:`hstu_attention`.
 3. :func:`hstu_compute_output`: ``x + dropout([u, a, u * Norm(a)]) @ W_out``.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, is_tracing
+from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel, check_uvqk_activation, is_tracing
 from torchrec_hstu.ops.hstu_attention import hstu_attention
 
 
@@ -40,8 +41,10 @@ def hstu_compute_uqvk(
     uvqk_bias: torch.Tensor,
     recompute_normed_x: bool = False,
     recompute_uvqk: bool = False,
+    uvqk_activation: str = "u",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Input LayerNorm, the fused ``[u | v | q | k]`` projection and ``silu(u)``.
+    """Input LayerNorm, the fused ``[u | v | q | k]`` projection and ``silu(u)`` (or silu on
+    all four).
 
     Args:
         x: ``[L, d]``.
@@ -55,6 +58,8 @@ def hstu_compute_uqvk(
         uvqk_bias: ``[(2 * hidden_dim + 2 * attention_dim) * H]``.
         recompute_normed_x: recompute the LayerNorm in backward instead of saving it.
         recompute_uvqk: recompute the projection in backward instead of saving it.
+        uvqk_activation: ``"u"``: silu on u only (GR's production STU); ``"all"``: silu on
+            u, v, q and k (GR's research HSTU, the paper's phi_1).
 
     Returns:
         ``u [L, H * hidden_dim]`` (after silu), ``q [L, H, attention_dim]``,
@@ -70,25 +75,30 @@ def hstu_compute_uqvk(
             f"uvqk_weight must have (2*hidden_dim + 2*attention_dim)*num_heads = {expected_width} "
             f"columns; got {uvqk_weight.shape[1]}"
         )
+    check_uvqk_activation(uvqk_activation)
     dtype = x.dtype
 
     def normed(x_: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x_, (x_.shape[-1],), norm_weight.to(dtype), norm_bias.to(dtype), norm_eps)
 
+    def activated(uvqk_: torch.Tensor) -> torch.Tensor:
+        return F.silu(uvqk_) if uvqk_activation == "all" else uvqk_
+
     def project(x_: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(uvqk_bias.to(dtype), normed(x_), uvqk_weight.to(dtype))
+        return activated(torch.addmm(uvqk_bias.to(dtype), normed(x_), uvqk_weight.to(dtype)))
 
     if recompute_uvqk:
         uvqk = _maybe_checkpoint(True, project, x)
     else:
         normed_x = _maybe_checkpoint(recompute_normed_x, normed, x)
-        uvqk = torch.addmm(uvqk_bias.to(dtype), normed_x, uvqk_weight.to(dtype))
+        uvqk = activated(torch.addmm(uvqk_bias.to(dtype), normed_x, uvqk_weight.to(dtype)))
     u, v, q, k = torch.split(
         uvqk,
         [hidden_dim * num_heads, hidden_dim * num_heads, attention_dim * num_heads, attention_dim * num_heads],
         dim=1,
     )
-    u = F.silu(u)
+    if uvqk_activation == "u":
+        u = F.silu(u)
     q = q.reshape(-1, num_heads, attention_dim)
     k = k.reshape(-1, num_heads, attention_dim)
     v = v.reshape(-1, num_heads, hidden_dim)
@@ -115,6 +125,7 @@ def hstu_preprocess_and_attention(
     recompute_uvqk: bool = False,
     cache: Optional[Dict[str, Any]] = None,
     check_values: bool = True,
+    uvqk_activation: str = "u",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`hstu_compute_uqvk` followed by :func:`hstu_attention`.
 
@@ -133,6 +144,7 @@ def hstu_preprocess_and_attention(
         cache: per-batch attention cache shared across layers.
         check_values: check the batch's values in the attention (one host sync); False when
             the caller checked them at its edge.
+        uvqk_activation: ``"u"`` (silu on u) or ``"all"`` (silu on u, v, q, k).
 
     Returns:
         ``u [L, H * hidden_dim]``, ``attn [L, H * hidden_dim]``, ``k [L, H, Dqk]``, ``v [L, H, Dv]``
@@ -150,6 +162,7 @@ def hstu_preprocess_and_attention(
         uvqk_bias,
         recompute_normed_x=recompute_normed_x,
         recompute_uvqk=recompute_uvqk,
+        uvqk_activation=uvqk_activation,
     )
     attn = hstu_attention(
         q,
