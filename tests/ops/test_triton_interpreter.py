@@ -23,6 +23,7 @@ from tests.ops.triton_interpreter import run_in_interpreter
 pytest.importorskip("triton")
 
 _SCRIPT = """
+    import functools
     import json
 
     import torch
@@ -37,7 +38,7 @@ _SCRIPT = """
     PART = "__PART__"
     torch.manual_seed(0)
     lengths = [0, 1, 37, 70, 5]
-    offsets = torch.tensor([0] + lengths).cumsum(0)
+    offsets = offsets_jagged = torch.tensor([0] + lengths).cumsum(0)
     total, max_seq_len = sum(lengths), 70
     num_targets = torch.tensor([0, 1, 3, 5, 2])
 
@@ -95,12 +96,56 @@ _SCRIPT = """
             result[f"fp8_mode{mode}/{layout}"] = errors(
                 run(triton_fp8_hstu_attention, q, k, v, dout, options, num_targets), want)
             fp8_attention.fp8_bwd_candidates = fp8_candidates
+    # The key-parallel launch reading q, dO and their transposes through TMA descriptors of the
+    # whole batch: rows past a sequence are the next sequence's, which the masks must zero (the
+    # interpreter runs the loads; the dQ bulk reduction is GPU-only). The 300-token sequence has
+    # interior (unmasked) tiles, the id-rule masks above do not.
+    fp8_bwd = fp8_attention.fp8_bwd
+    tma_offsets = torch.tensor([0, 300, 301, 341]), 300
+    real_empty = torch.empty
+
+    def nan_filled_empty(*args, **kwargs):
+        # Every fp8 buffer starts as NaN codes: a column the TMA boxes read but nothing wrote
+        # (the gaps of the aligned transposed layout) shows up as NaN gradients.
+        out = real_empty(*args, **kwargs)
+        if out.dtype == torch.float8_e4m3fn:
+            out.view(torch.uint8).fill_(0x7F)
+        return out
+
+    torch.empty = nan_filled_empty
+    # The aligned transposed layout writes every column (zeros between sequences).
+    if PART == "fp8":
+        x = torch.randn(341, 2, 32).to(torch.float8_e4m3fn)
+        xt = fp8_attention._transposed_aligned(x, tma_offsets[0], 300).view(torch.uint8)
+        expect = torch.zeros_like(xt)
+        for b, (s, e) in enumerate(zip(tma_offsets[0][:-1].tolist(), tma_offsets[0][1:].tolist())):
+            col = ((s + 15) // 16 + b) * 16
+            expect[:, :, col:col + e - s] = x[s:e].permute(1, 2, 0).view(torch.uint8)
+        result["transposed_layout/bytes_differing"] = [int((xt != expect).sum())] * 4
+    for mode in ((1, 2) if PART == "fp8" else []):
+        fp8_attention.fp8_bwd = functools.partial(fp8_bwd, tma=True)
+        fp8_attention.fp8_bwd_candidates = lambda *_: [fp8_layouts["atomic_dq"]]
+        for name, (opts, targets) in {"plain_causal": (AttentionOptions(fp8_quant_mode=mode), None),
+                                      "id_rule": (AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1,
+                                                                   max_attn_len=20), num_targets)}.items():
+            offsets, max_seq_len = tma_offsets if name == "plain_causal" else (offsets_jagged, 70)
+            total = int(offsets[-1])
+            q, k, v, dout = (torch.randn(total, 2, 32) * 0.5 for _ in range(4))
+            targets = None if targets is None else targets[:offsets.numel() - 1]
+            got = run(triton_fp8_hstu_attention, q, k, v, dout, opts, targets)
+            fp8_attention.fp8_bwd = fp8_bwd
+            want = run(triton_fp8_hstu_attention, q, k, v, dout, opts, targets)
+            fp8_attention.fp8_bwd = functools.partial(fp8_bwd, tma=True)
+            result[f"fp8_mode{mode}/tma/{name}"] = errors(got, want)
+        fp8_attention.fp8_bwd = fp8_bwd
+        fp8_attention.fp8_bwd_candidates = fp8_candidates
+    torch.empty = real_empty
     print(json.dumps(result))
 """
 
 
 # Two processes (bf16 / fp16 kernels, FP8 kernels), so pytest-xdist runs them side by side.
-@pytest.mark.parametrize("part,cases", [("bf16", 5 * 2 * 2 + 5 * 2), ("fp8", 6 * 2)])
+@pytest.mark.parametrize("part,cases", [("bf16", 5 * 2 * 2 + 5 * 2), ("fp8", 6 * 2 + 2 * 2 + 1)])
 def test_full_triton_kernels_forward_and_backward(tmp_path, part, cases):
     result = run_in_interpreter(_SCRIPT.replace("__PART__", part), tmp_path)
     assert len(result) == cases

@@ -38,6 +38,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from torchrec_hstu.ops.common import AttentionOptions
 from torchrec_hstu.ops.custom_ops import (
@@ -373,14 +374,15 @@ def _transpose_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``X [L, H, D]`` (fp8) -> ``XT [H, D, C]`` with sequence ``b`` at columns
-    ``_vt_start(start_b, b) ..`` and zeros up to the length rounded up to 16."""
+    ``_vt_start(start_b, b) ..`` and zeros up to the next sequence's first column (the last
+    sequence: up to ``C``), so every column is written: TMA boxes read past a sequence."""
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
     start, n = seq_span(seq_offsets, b)
     t0 = tl.program_id(1) * BLOCK_T
-    n16 = (n + 15) // 16 * 16
-    if t0 >= n16:
+    span = _vt_start(start + n, b + 1) - _vt_start(start, b)
+    if t0 >= span:
         return
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -388,7 +390,7 @@ def _transpose_kernel(
                 mask=(offs_t[:, None] < n) & (offs_d[None, :] < D), other=0.0)
     col = _vt_start(start, b) + offs_t
     tl.store(XT + h * stride_th + offs_d[:, None] * stride_td + col[None, :], tl.trans(x),
-             mask=(offs_d[:, None] < D) & (offs_t < n16)[None, :])
+             mask=(offs_d[:, None] < D) & (offs_t < span)[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -418,6 +420,7 @@ def _fp8_bwd_sigmoid(s, FAST_SILU: tl.constexpr, INTERPRET: tl.constexpr):
 def _fp8_bwd_tile(
     dk, dv, rk, rv, k, kd, v, vd, kct, kdc, m0,
     q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs, qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs,
+    dq_desc, start, tstart, q_col, do_col,
     offs_m, offs_n, offs_dqk, offs_dv,
     stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
     stride_dodcm, stride_dodcd, stride_dqm,
@@ -426,6 +429,7 @@ def _fp8_bwd_tile(
     MASKED: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
     INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
     FAST_SILU: tl.constexpr, ATOMIC_DQ: tl.constexpr, RESCALE: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_REDUCE: tl.constexpr,
 ):
     """One query tile ``[m0, m0 + BLOCK_M)`` of the FP8 backward. ``tn``: the bound of the token
     columns read from the transposed ``qct`` / ``doct`` (``n`` rounded up to 16 for the aligned
@@ -437,12 +441,23 @@ def _fp8_bwd_tile(
     ``r_prev / r`` and the tensor core accumulates into it, so no second ``[BLOCK_N, D]`` fp32
     product tile is live (without it the 8-warp launches spill 1-2 KB per thread). The kernel
     multiplies by the final factors. One fp32 rounding per tile more than the definition's
-    order."""
+    order.
+
+    ``USE_TMA``: ``q_ptrs``, ``do_ptrs``, ``qct_ptrs``, ``doct_ptrs`` are tensor descriptors of
+    the whole 2-D views (rows ``[L, H * D]``, transposed ``[H * D, C]``; column / row offsets
+    ``q_col``, ``do_col`` select the head; ``start``, ``tstart`` the sequence), and under ``TMA_REDUCE``
+    ``dq_desc`` adds dQ with a bulk reduction: no per-element pointer tensors live across the
+    loop (they made the (dK, dQ) launch spill ~2.4 KB per thread)."""
     m0 = tl.multiple_of(m0, 16)
     rows = m0 + offs_m
     row_in = rows < n
-    q = tl.load(q_ptrs + m0 * stride_qm, mask=row_in[:, None] & (offs_dqk[None, :] < DQK),
-                other=0.0)
+    if USE_TMA:
+        # Rows past the sequence belong to the next one (or are zero past the tensor):
+        # masked segments zero their P / dS columns; interior tiles have none.
+        q = q_ptrs.load([start + m0, q_col])
+    else:
+        q = tl.load(q_ptrs + m0 * stride_qm, mask=row_in[:, None] & (offs_dqk[None, :] < DQK),
+                    other=0.0)
     sT = tl.dot(k, tl.trans(q), max_num_imprecise_acc=MAX_IMPRECISE_S)
     if RESCALE:
         # Modes 2..5: the tile's q rows share one descale (``kd`` is the key block's).
@@ -455,11 +470,17 @@ def _fp8_bwd_tile(
     pT = sT * sigT
     if MASKED:
         valid = valid_mask(rows[None, :], offs_n[:, None], n, T, c, W, M, sla_k1, K2, MASK_MODE)
+        if USE_TMA:
+            # valid_mask leaves rows past n to the loads' zeros, which TMA boxes do not give.
+            valid = valid & row_in[None, :]
         pT = tl.where(valid, pT, 0.0)
     if COMPUTE_DV:
         p8T, p_scale = _tile_quant(pT, QUANT_MODE, INTERPRET)
-        doct = tl.load(doct_ptrs + m0, mask=(offs_dv[:, None] < DV) & (rows < tn)[None, :],
-                       other=0.0)
+        if USE_TMA:
+            doct = doct_ptrs.load([do_col, tstart + m0])
+        else:
+            doct = tl.load(doct_ptrs + m0, mask=(offs_dv[:, None] < DV) & (rows < tn)[None, :],
+                           other=0.0)
         if RESCALE:
             r = p_scale * tl.load(dodc_ptrs + m0 * stride_dodcm)
             dv = tl.dot(p8T, tl.trans(doct), dv * (rv / r), max_num_imprecise_acc=MAX_IMPRECISE)
@@ -472,8 +493,11 @@ def _fp8_bwd_tile(
                            mask=offs_dv < DV, other=1.0)
             dv += pdo * (p_scale * dodc[None, :])
     if COMPUTE_DKDQ:
-        do = tl.load(do_ptrs + m0 * stride_dom, mask=row_in[:, None] & (offs_dv[None, :] < DV),
-                     other=0.0)
+        if USE_TMA:
+            do = do_ptrs.load([start + m0, do_col])
+        else:
+            do = tl.load(do_ptrs + m0 * stride_dom, mask=row_in[:, None] & (offs_dv[None, :] < DV),
+                         other=0.0)
         dpT = tl.dot(v, tl.trans(do), max_num_imprecise_acc=MAX_IMPRECISE_S)
         if RESCALE:
             dpT = dpT * (vd * tl.load(dod_ptrs + m0 * stride_dodm))
@@ -484,8 +508,11 @@ def _fp8_bwd_tile(
         if MASKED:
             dsT = tl.where(valid, dsT, 0.0)
         ds8T, ds_scale = _tile_quant(dsT, QUANT_MODE, INTERPRET)
-        qct = tl.load(qct_ptrs + m0, mask=(offs_dqk[:, None] < DQK) & (rows < tn)[None, :],
-                      other=0.0)
+        if USE_TMA:
+            qct = qct_ptrs.load([q_col, tstart + m0])
+        else:
+            qct = tl.load(qct_ptrs + m0, mask=(offs_dqk[:, None] < DQK) & (rows < tn)[None, :],
+                          other=0.0)
         if RESCALE:
             r = ds_scale * tl.load(qdc_ptrs + m0 * stride_qdcm)
             dk = tl.dot(ds8T, tl.trans(qct), dk * (rk / r), max_num_imprecise_acc=MAX_IMPRECISE)
@@ -501,15 +528,19 @@ def _fp8_bwd_tile(
             dq = tl.dot(tl.trans(ds8T), tl.trans(kct), max_num_imprecise_acc=MAX_IMPRECISE)
             if QUANT_MODE != 0:
                 dq = dq * (ds_scale * kdc[None, :])
-            tl.atomic_add(dq_ptrs + m0 * stride_dqm, dq,
-                          mask=row_in[:, None] & (offs_dqk[None, :] < DQK), sem="relaxed")
+            if TMA_REDUCE:
+                # Rows past the sequence add exact zeros (their dS columns are masked).
+                dq_desc.atomic_add([start + m0, q_col], dq)
+            else:
+                tl.atomic_add(dq_ptrs + m0 * stride_dqm, dq,
+                              mask=row_in[:, None] & (offs_dqk[None, :] < DQK), sem="relaxed")
     return dk, dv, rk, rv
 
 
 @triton.jit
 def _fp8_bwd_kernel(
     Q, QD, K, KD, V, VD, DO, DOD, QCT, QDC, KCT, KDC, DOCT, DODC, DQ, DK, DV, seq_offsets,
-    num_targets,
+    num_targets, DQ_DESC,
     stride_qm, stride_qh, stride_qdm, stride_qdh, stride_km, stride_kh, stride_kdm, stride_kdh,
     stride_vm, stride_vh, stride_vdm, stride_vdh, stride_dom, stride_doh, stride_dodm,
     stride_dodh, stride_qcth, stride_qctd, stride_qdcm, stride_qdch, stride_qdcd,
@@ -525,9 +556,12 @@ def _fp8_bwd_kernel(
     COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr, INTERPRET: tl.constexpr,
     MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr, T_ALIGNED: tl.constexpr = False,
     FAST_SILU: tl.constexpr = False, ATOMIC_DQ: tl.constexpr = True, RESCALE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, TMA_REDUCE: tl.constexpr = False,
 ):
     """FP8 backward, one program per (key block, sequence, head). ``T_ALIGNED``: ``QCT``,
-    ``KCT``, ``DOCT`` are in :func:`_transposed_aligned`'s layout (else :func:`_transposed`'s)."""
+    ``KCT``, ``DOCT`` are in :func:`_transposed_aligned`'s layout (else :func:`_transposed`'s).
+    ``USE_TMA`` (``T_ALIGNED`` too): ``Q``, ``DO``, ``QCT``, ``DOCT`` are tensor descriptors
+    (see :func:`_fp8_bwd_tile`); ``TMA_REDUCE``: ``DQ_DESC`` is ``DQ``'s."""
     pid_bh = tl.program_id(0)
     n_block = tl.program_id(1)
     b = pid_bh // H
@@ -585,15 +619,21 @@ def _fp8_bwd_kernel(
         dv = tl.zeros([1, 1], dtype=tl.float32)
     rk = tl.full([], 1.0, tl.float32)
     rv = tl.full([], 1.0, tl.float32)
-    q_ptrs = Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :]
     qd_ptrs = QD + start * stride_qdm + h * stride_qdh
-    do_ptrs = DO + start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
     dod_ptrs = DOD + start * stride_dodm + h * stride_dodh
-    qct_ptrs = QCT + h * stride_qcth + tstart + offs_dqk[:, None] * stride_qctd + offs_m[None, :]
     qdc_ptrs = QDC + start * stride_qdcm + h * stride_qdch
-    doct_ptrs = DOCT + h * stride_docth + tstart + offs_dv[:, None] * stride_doctd + offs_m[None, :]
     dodc_ptrs = DODC + start * stride_dodcm + h * stride_dodch
     dq_ptrs = DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :]
+    if USE_TMA:
+        q_ptrs = Q
+        do_ptrs = DO
+        qct_ptrs = QCT
+        doct_ptrs = DOCT
+    else:
+        q_ptrs = Q + start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :]
+        do_ptrs = DO + start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
+        qct_ptrs = QCT + h * stride_qcth + tstart + offs_dqk[:, None] * stride_qctd + offs_m[None, :]
+        doct_ptrs = DOCT + h * stride_docth + tstart + offs_dv[:, None] * stride_doctd + offs_m[None, :]
     ta0, ta1, tb0, ti0, ti1, tb1 = bwd_tile_ranges(
         n0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
     for SEGMENT in tl.static_range(4):
@@ -601,11 +641,13 @@ def _fp8_bwd_kernel(
         for m0 in range(lo, hi, BLOCK_M):
             dk, dv, rk, rv = _fp8_bwd_tile(
                 dk, dv, rk, rv, k, kd, v, vd, kct, kdc, m0, q_ptrs, qd_ptrs, do_ptrs, dod_ptrs, qct_ptrs,
-                qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, offs_m, offs_n, offs_dqk, offs_dv,
+                qdc_ptrs, doct_ptrs, dodc_ptrs, dq_ptrs, DQ_DESC, start.to(tl.int32),
+                tstart.to(tl.int32), h * DQK, h * DV_DIM, offs_m, offs_n, offs_dqk, offs_dv,
                 stride_qm, stride_qdm, stride_dom, stride_dodm, stride_qdcm, stride_qdcd,
                 stride_dodcm, stride_dodcd, stride_dqm, n, tn, T, c, W, M, sla_k1, K2, alpha,
                 DQK, DV_DIM, QUANT_MODE, MASK_MODE, SEGMENT != 2, COMPUTE_DV, COMPUTE_DKDQ,
-                INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S, FAST_SILU, ATOMIC_DQ, TILE_SCALAR)
+                INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S, FAST_SILU, ATOMIC_DQ, TILE_SCALAR,
+                USE_TMA, TMA_REDUCE)
     if COMPUTE_DKDQ:
         tl.store(DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm
                  + offs_dqk[None, :], (dk * (rk * dk_scale)).to(DK.dtype.element_ty),
@@ -809,31 +851,65 @@ def fp8_bwd_candidates(dqk: int, dv: int) -> list:
     if interpret_mode():
         return [KernelConfig(0, 0, 4, 1)]
     # Measured on H100 (2026-11-25): split beat fused by 1.8x at D = 128 (6.5 vs 11.8 ms,
-    # N=2048); stages 1 and 2 within 5% at D = 256. ptxas (sm90, static, mode 2, fast
-    # accumulation with RESCALE): the (dK, dQ-atomic) launch spills 1076 B per thread, dK
-    # alone 72 B (8 B with one stage), the dV launch 0 and the dQ kernel 32 B.
-    # Timed (H200, 2026-12-02, B=16, D=128, modes 2 and 5): the atomic layout 3.4-3.5 ms at
-    # N=4096 and 12.9-13.1 ms at N=8192, the dQ-kernel layout 4.2 / 16.1-16.4 ms (it recomputes
-    # two fp8 products and the dS tile amax per tile), so D <= 128 keeps the atomics; at D = 256
-    # (untimed) the autotuner chooses.
+    # N=2048), with every operand read by pointer tensors. Since the key-parallel launch reads
+    # q, dO and their transposes through TMA descriptors and adds dQ with bulk reductions
+    # (SM90), ptxas (sm90, mode 2, fast accumulation) counts per-thread spills of 0 (dV
+    # launch), 56-88 ((dK, dQ) launch; 2.4 KB by pointers) and 264 (fused; 4.7 KB by
+    # pointers), and the fused launch is the fastest: H200 (2026-12-03, B=16, D=128, mode 2,
+    # whole backward with the re-quantizations): 10.8 / 3.03 ms at N=8192 / 4096, vs 13.1 /
+    # 3.65 split (13.7 / 3.84 split by pointers, the previous default) and 19-20 / 5.1-5.3 with
+    # the dQ kernel. At D = 256 the fused launch does not fit in registers (6.7 KB spills,
+    # 58 ms) and split 8/2 not in shared memory: split 8/1 26.9 ms (34.5 by pointers), with
+    # the dQ kernel 29.3 (28.4 by pointers); the autotuner chooses.
     if max(dqk, dv) <= 128:
-        return [KernelConfig(0, 0, 8, 2, split_bwd=True)]
+        return [KernelConfig(0, 0, 8, 2), KernelConfig(0, 0, 8, 3),
+                KernelConfig(0, 0, 8, 2, split_bwd=True)]
     return [KernelConfig(0, 0, 8, 1, split_bwd=True),
             KernelConfig(0, 0, 8, 1, split_bwd=True, dq=KernelConfig(0, 0, 8, 1))]
+
+
+def fp8_bwd_tma_supported(q8: torch.Tensor, dqk: int, dv: int,
+                          fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION) -> bool:
+    """Whether the FP8 backward reads its per-tile operands through TMA descriptors: on SM90+
+    (or in the interpreter, loads only, when asked), head dims that are their own tile width
+    (TMA boxes cannot mask columns), and 16-byte-aligned, contiguous ``[L, H, D]`` tensors.
+    At D = 256 only under "fast" accumulation: with fp16-promoted products (the other two) the
+    (dK, dQ) launch's TMA buffers need 256 KB of shared memory (H200: 227 KB)."""
+    return (
+        dqk == _fp8_block_dim(dqk) and dv == _fp8_block_dim(dv) and q8.is_contiguous()
+        and (max(dqk, dv) <= 128 or fp8_accumulation == "fast")
+        and q8.data_ptr() % 16 == 0
+        and (interpret_mode() or (q8.is_cuda and torch.cuda.get_device_capability(q8.device) >= (9, 0)))
+    )
+
+
+def _rows_descriptor(values: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """Descriptor of contiguous ``[L, H, D]`` as ``[L, H * D]``, boxes of ``block_rows x D``."""
+    length, heads, dim = values.shape
+    return TensorDescriptor(values, [length, heads * dim], [heads * dim, 1], [block_rows, dim])
+
+
+def _columns_descriptor(values: torch.Tensor, block_cols: int) -> TensorDescriptor:
+    """Descriptor of contiguous ``[H, D, C]`` (transposed) as ``[H * D, C]``, boxes of
+    ``D x block_cols``."""
+    heads, dim, cols = values.shape
+    return TensorDescriptor(values, [heads * dim, cols], [cols, 1], [dim, block_cols])
 
 
 def _transposed_aligned(values: torch.Tensor, seq_offsets: torch.Tensor,
                         max_seq_len: int) -> torch.Tensor:
     """``[L, H, D]`` fp8 -> ``[H, D, C]`` with each sequence starting at a column that is a
-    multiple of 16 (:func:`_vt_start`) and zero-padded to a multiple of 16 columns, so the
-    forward reads the K-major v operand with 16-byte loads whatever the sequence offsets.
-    ``C = 16 * (ceil(L / 16) + B)``; nothing is read back to the host."""
+    multiple of 16 (:func:`_vt_start`) and zeros between sequences (every column written), so
+    the forward reads the K-major v operand with 16-byte loads whatever the sequence offsets
+    and the backward's TMA boxes may overrun a sequence. ``C = 16 * (ceil(L / 16) + B)``;
+    nothing is read back to the host."""
     total, num_heads, dim = values.shape
     batch = seq_offsets.numel() - 1
     cols = 16 * (triton.cdiv(total, 16) + batch)
     out = torch.empty((num_heads, dim, cols), dtype=values.dtype, device=values.device)
     block_t = 64
-    grid = (batch * num_heads, triton.cdiv(max_seq_len + 15, block_t))
+    # A sequence's columns with the zeros after it: at most its length + 47.
+    grid = (batch * num_heads, triton.cdiv(max_seq_len + 47, block_t))
     _transpose_kernel[grid](values, out, seq_offsets, values.stride(0), values.stride(1),
                             out.stride(0), out.stride(1), num_heads, dim, BLOCK_T=block_t,
                             BLOCK_D=triton.next_power_of_2(dim), num_warps=4)
@@ -1004,9 +1080,12 @@ def fp8_bwd(
     fp8_quant_mode: int,
     config: Optional[KernelConfig] = None,
     fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
+    tma: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Re-quantize ``q, k, v, dout`` with the backward tiles (fused Triton quantizers) and run
-    the FP8 backward."""
+    the FP8 backward. ``tma``: read the key-parallel launch's per-tile operands through TMA
+    descriptors (default: where :func:`fp8_bwd_tma_supported`, never in the interpreter; the
+    interpreter can run the loads, not the dQ bulk reduction). Same numbers either way."""
     from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
 
     check_fp8_accumulation(fp8_accumulation)
@@ -1035,6 +1114,17 @@ def fp8_bwd(
     q8, k8, v8, do8 = q_r.values, k_r.values, v_r.values, do_r.values
     block_dqk, block_dv = _fp8_block_dim(dqk), _fp8_block_dim(dv_dim)
     scale = 1.0 / scaling_seqlen
+    if tma is None:
+        tma = not interpret_mode() and fp8_bwd_tma_supported(q8, dqk, dv_dim, fp8_accumulation)
+    elif tma and not fp8_bwd_tma_supported(q8, dqk, dv_dim, fp8_accumulation):
+        raise ValueError(f"tma=True needs SM90+ and head dims in {{32, 64, 128}} (256 under "
+                         f"fp8_accumulation='fast'); got {dqk}, {dv_dim}, {fp8_accumulation!r}")
+    if tma:
+        tensors = dict(Q=_rows_descriptor(q8, bm), DO=_rows_descriptor(do8, bm),
+                       QCT=_columns_descriptor(qct, bm), DOCT=_columns_descriptor(doct, bm))
+    else:
+        tensors = dict(Q=q8, DO=do8, QCT=qct, DOCT=doct)
+    tma_reduce = tma and not interpret_mode()
 
     fast = fp8_accumulation == "fast"
     common = dict(
@@ -1050,11 +1140,13 @@ def fp8_bwd(
     def launch(cfg: KernelConfig, compute_dv: bool, compute_dkdq: bool, atomic_dq: bool,
                dq_acc: torch.Tensor) -> None:
         grid = (batch * num_heads, triton.cdiv(max_seq_len, bn))
+        reduce_dq = tma_reduce and atomic_dq
         _fp8_bwd_kernel[grid](
-            q8, q_r.token_descale, k8, k_r.token_descale, v8, v_r.token_descale, do8,
-            do_r.token_descale, qct, q_c.token_descale, kct, k_c.token_descale, doct,
-            do_c.token_descale, dq_acc, dk, dv, seq_offsets,
+            tensors["Q"], q_r.token_descale, k8, k_r.token_descale, v8, v_r.token_descale,
+            tensors["DO"], do_r.token_descale, tensors["QCT"], q_c.token_descale, kct,
+            k_c.token_descale, tensors["DOCT"], do_c.token_descale, dq_acc, dk, dv, seq_offsets,
             num_targets if num_targets is not None else seq_offsets,
+            _rows_descriptor(dq_acc, bm) if reduce_dq else dq_acc,
             q8.stride(0), q8.stride(1), *_row_strides(q_r.token_descale),
             k8.stride(0), k8.stride(1), *_row_strides(k_r.token_descale),
             v8.stride(0), v8.stride(1), *_row_strides(v_r.token_descale),
@@ -1068,7 +1160,7 @@ def fp8_bwd(
             mask.c, mask.w, mask.m, mask.sla_k1, mask.k2,
             num_heads,
             BLOCK_M=bm, BLOCK_N=bn, COMPUTE_DV=compute_dv, COMPUTE_DKDQ=compute_dkdq,
-            T_ALIGNED=True, ATOMIC_DQ=atomic_dq, **common,
+            T_ALIGNED=True, ATOMIC_DQ=atomic_dq, USE_TMA=tma, TMA_REDUCE=reduce_dq, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
