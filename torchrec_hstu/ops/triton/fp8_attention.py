@@ -17,9 +17,13 @@ Forward, per query block and key tile ``n`` of ``fwd_block_n`` keys::
 Backward, per key block of ``bwd_block_n`` (128) keys and query tile of ``bwd_block_m`` (64):
 ``S, P, dP = dO8 v8^T * descales, dS = dP * silu'(S)``, ``P`` and ``dS`` re-quantized per whole
 tile, ``dV += P8^T dO8c``, ``dK += dS8^T q8c``, ``dQ += dS8 k8c`` (fp32 atomics), each scaled by
-the tile scale times the column descale of the tile (mode 1: per-d vector). Two launches (dV;
-dK with dQ), or, as a config option, dK and dV without atomics and a query-parallel dQ kernel
-that walks the same tiles from the query side. Under the default "fast" accumulation the
+the tile scale times the column descale of the tile (mode 1: per-d vector). Launch layouts
+(the autotuner picks): one key-parallel launch for dV, dK and dQ; two (dV; dK with dQ); or dK
+and dV without atomics and a query-parallel dQ kernel that walks the same tiles from the query
+side. On SM90 the key-parallel launches read the per-tile q, dO and their transposes through TMA
+descriptors and add dQ with bulk reductions, which keeps per-element pointer tensors out of
+their registers (ptxas: 2.4 KB of spills per thread -> under 100 B; the one-launch layout
+became the fastest at D <= 128). Under the default "fast" accumulation the
 sigmoid is ``tanh.approx``'s and modes 2..5, whose descales are one number per tile, let the
 tensor core accumulate dK / dV in place (``RESCALE``): together 2.2x faster at N=8192 (H200),
 held to the same float64 error bound as the forward.
