@@ -22,8 +22,8 @@ the tile scale times the column descale of the tile (mode 1: per-d vector). Laun
 and dV without atomics and a query-parallel dQ kernel that walks the same tiles from the query
 side. On SM90 the key-parallel launches read the per-tile q, dO and their transposes through TMA
 descriptors and add dQ with bulk reductions, which keeps per-element pointer tensors out of
-their registers (ptxas: 2.4 KB of spills per thread -> under 100 B; the one-launch layout
-became the fastest at D <= 128). Under the default "fast" accumulation the
+their registers (ptxas, D=128: the one-launch layout's spills 388 -> 116 B per thread, which
+made it the fastest there; D=256 (dK, dQ): 1404 -> 484 B). Under the default "fast" accumulation the
 sigmoid is ``tanh.approx``'s and modes 2..5, whose descales are one number per tile, let the
 tensor core accumulate dK / dV in place (``RESCALE``): together 2.2x faster at N=8192 (H200),
 held to the same float64 error bound as the forward.
@@ -451,7 +451,8 @@ def _fp8_bwd_tile(
     the whole 2-D views (rows ``[L, H * D]``, transposed ``[H * D, C]``; column / row offsets
     ``q_col``, ``do_col`` select the head; ``start``, ``tstart`` the sequence), and under ``TMA_REDUCE``
     ``dq_desc`` adds dQ with a bulk reduction: no per-element pointer tensors live across the
-    loop (they made the (dK, dQ) launch spill ~2.4 KB per thread)."""
+    loop (ptxas, mode 2: the one launch at D=128 spilled 388 B per thread by pointers, 116 B
+    with descriptors)."""
     m0 = tl.multiple_of(m0, 16)
     rows = m0 + offs_m
     row_in = rows < n
@@ -857,14 +858,14 @@ def fp8_bwd_candidates(dqk: int, dv: int) -> list:
     # Measured on H100 (2026-11-25): split beat fused by 1.8x at D = 128 (6.5 vs 11.8 ms,
     # N=2048), with every operand read by pointer tensors. Since the key-parallel launch reads
     # q, dO and their transposes through TMA descriptors and adds dQ with bulk reductions
-    # (SM90), ptxas (sm90, mode 2, fast accumulation) counts per-thread spills of 0 (dV
-    # launch), 56-88 ((dK, dQ) launch; 2.4 KB by pointers) and 264 (fused; 4.7 KB by
-    # pointers), and the fused launch is the fastest: H200 (2026-12-03, B=16, D=128, mode 2,
-    # whole backward with the re-quantizations): 10.8 / 3.03 ms at N=8192 / 4096, vs 13.1 /
-    # 3.65 split (13.7 / 3.84 split by pointers, the previous default) and 19-20 / 5.1-5.3 with
-    # the dQ kernel. At D = 256 the fused launch does not fit in registers (6.7 KB spills,
-    # 58 ms) and split 8/2 not in shared memory: split 8/1 26.9 ms (34.5 by pointers), with
-    # the dQ kernel 29.3 (28.4 by pointers); the autotuner chooses.
+    # (SM90), ptxas (sm90, mode 2, fast accumulation, the launch's stride divisibility) counts
+    # 116 B of spills per thread in the one-launch layout (388 B by pointers; the split
+    # launches spill none either way at D = 128), and the one launch is the fastest: H200
+    # (2026-12-03, B=16, D=128, mode 2, whole backward with the re-quantizations): 10.8 / 3.03
+    # ms at N=8192 / 4096, vs 13.1 / 3.65 split (13.7 / 3.84 split by pointers, the previous
+    # default) and 19-20 / 5.1-5.3 with the dQ kernel. At D = 256 the one launch spills ~4.8
+    # KB (58 ms) and split 8/2 does not fit in shared memory: split 8/1 26.9 ms (34.5 by
+    # pointers), with the dQ kernel 29.3 (28.4 by pointers); the autotuner chooses.
     if max(dqk, dv) <= 128:
         return [KernelConfig(0, 0, 8, 2), KernelConfig(0, 0, 8, 3),
                 KernelConfig(0, 0, 8, 2, split_bwd=True)]
