@@ -866,9 +866,12 @@ def fp8_bwd_candidates(dqk: int, dv: int) -> list:
     # default) and 19-20 / 5.1-5.3 with the dQ kernel. At D = 256 the one launch spills ~4.8
     # KB (58 ms) and split 8/2 does not fit in shared memory: split 8/1 26.9 ms (34.5 by
     # pointers), with the dQ kernel 29.3 (28.4 by pointers); the autotuner chooses.
+    # Last, split 8/1 (1.6x the one launch's time on the H200 at N=8192) is the layout that
+    # fits 99 KB of shared memory (static: 32 / 80 KB; SM89, SM120), where the others do not:
+    # choose_config takes the first that fits (untested on such a GPU).
     if max(dqk, dv) <= 128:
         return [KernelConfig(0, 0, 8, 2), KernelConfig(0, 0, 8, 3),
-                KernelConfig(0, 0, 8, 2, split_bwd=True)]
+                KernelConfig(0, 0, 8, 2, split_bwd=True), KernelConfig(0, 0, 8, 1, split_bwd=True)]
     return [KernelConfig(0, 0, 8, 1, split_bwd=True),
             KernelConfig(0, 0, 8, 1, split_bwd=True, dq=KernelConfig(0, 0, 8, 1))]
 

@@ -441,29 +441,64 @@ def _seq_class(max_seq_len: int) -> int:
     return max(AUTOTUNE_MIN_SEQ_LEN, triton.next_power_of_2(max(1, max_seq_len)))
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (launches are recorded)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _autotune_enabled(max_seq_len: int) -> bool:
-    if interpret_mode() or torch.cuda.is_current_stream_capturing():
+    if interpret_mode() or _capturing():
         return False
     if os.environ.get(_AUTOTUNE_ENV, "1") == "0":
         return False
     return max_seq_len >= AUTOTUNE_MIN_SEQ_LEN
 
 
+_CONFIG_ERRORS = (triton.runtime.errors.OutOfResources, triton.CompilationError)
+
+
+def _first_that_fits(key: Tuple, candidates: List[KernelConfig], run) -> KernelConfig:
+    """The first candidate that compiles and fits this GPU's shared memory and registers (the
+    candidates are ordered for Hopper; a GPU with less shared memory, e.g. SM89's 99 KB, skips
+    the ones that do not fit), found by launching each once, then cached per shape class. The
+    last candidate is returned untried, so its own error surfaces if none fits. Not tried under
+    the interpreter or while a CUDA graph is being captured (a trial launch would be captured
+    too): the first candidate then."""
+    untuned_key = key + ("untuned",)
+    cached = _config_cache.get(untuned_key)
+    if cached is not None:
+        return cached
+    if interpret_mode() or _capturing():
+        return candidates[0]
+    for config in candidates[:-1]:
+        try:
+            run(config)
+        except _CONFIG_ERRORS as err:
+            logger.debug("config %s does not fit: %s", config, err)
+            continue
+        _config_cache[untuned_key] = config
+        return config
+    return candidates[-1]
+
+
 def choose_config(key: Tuple, candidates: List[KernelConfig], max_seq_len: int,
                   run) -> KernelConfig:
     """Pick a config for shape class ``key``: cached, else autotuned (long sequences) or the
-    heuristic default. ``run(config)`` launches the kernel once with ``config``."""
+    first candidate that fits (:func:`_first_that_fits`). ``run(config)`` launches the kernel
+    once with ``config`` (it may be called more than once: autotuning and the fit check do)."""
     cached = _config_cache.get(key)
     if cached is not None:
         return cached
-    if len(candidates) == 1 or not _autotune_enabled(max_seq_len):
+    if len(candidates) == 1:
         return candidates[0]
+    if not _autotune_enabled(max_seq_len):
+        return _first_that_fits(key, candidates, run)
     timings = []
     for config in candidates:
         try:
             ms = triton.testing.do_bench(lambda config=config: run(config), warmup=5, rep=20,
                                          return_mode="median")
-        except (triton.runtime.errors.OutOfResources, triton.CompilationError) as err:
+        except _CONFIG_ERRORS as err:
             logger.debug("config %s does not fit: %s", config, err)
             continue
         timings.append((ms, config))
