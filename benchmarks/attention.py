@@ -160,14 +160,19 @@ def run_case(
         f8(); f8b()
         record(f"triton_fp8_mode{mode}", "fwd", bench(f8), host_ms=host_ms(f8))
         record(f"triton_fp8_mode{mode}", "fwd_bwd", bench(f8b), 3.5)
-        # The forward's quantization of q, k, v alone (part of the fwd time above).
+        # The forward's quantization of q, k, v and the v transposition alone (the fused Triton
+        # quantizers under the default "fast" accumulation: part of the fwd time above), and the
+        # PyTorch quantizers of the emulation beside it (what a Python-side quantizer costs).
         from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+        from torchrec_hstu.ops.triton.fp8_attention import fp8_fwd_quantize
 
+        quant = functools.partial(fp8_fwd_quantize, q, k, v, offsets, max_len, mode)
+        record(f"fp8_mode{mode}_quantize_qkv", "fwd", bench(quant), 0.0, host_ms=host_ms(quant))
         tiles = FP8TileSizes.for_head_dim(dim)
-        quant = lambda: (quantize_for_mode(q, offsets, mode, tiles.fwd_block_m),
-                         quantize_for_mode(k, offsets, mode, tiles.fwd_block_n),
-                         quantize_for_mode(v, offsets, mode, tiles.fwd_block_n, colwise=True))
-        record(f"fp8_mode{mode}_quantize_qkv", "fwd", bench(quant), 0.0)
+        torch_quant = lambda: (quantize_for_mode(q, offsets, mode, tiles.fwd_block_m),
+                               quantize_for_mode(k, offsets, mode, tiles.fwd_block_n),
+                               quantize_for_mode(v, offsets, mode, tiles.fwd_block_n, colwise=True))
+        record(f"fp8_mode{mode}_pytorch_quantize_qkv", "fwd", bench(torch_quant), 0.0)
 
     # SDPA flash on padded dense tensors.
     from torch.nn.attention import SDPBackend, sdpa_kernel
