@@ -24,7 +24,7 @@ sys.path.insert(0, EXAMPLES)
 sys.path.insert(0, os.path.join(EXAMPLES, ".."))
 
 from common import load_checkpoint  # noqa: E402
-from train_retrieval import build_model, load_data, make_split  # noqa: E402
+from train_retrieval import build_model, build_parser, load_data, make_split  # noqa: E402
 
 from torchrec_hstu.data.sequences import iterate_batches  # noqa: E402
 from torchrec_hstu.models.baselines import FirstOrderMarkov  # noqa: E402
@@ -43,7 +43,8 @@ def per_user_metrics(ranks: torch.Tensor) -> Dict[str, torch.Tensor]:
 def run_ranks(run_dir: str, data_path: str) -> torch.Tensor:
     """Every user's test-item rank under the model saved in ``run_dir`` (``[U]``, user order)."""
     state = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
-    args = argparse.Namespace(**state["args"])
+    # Flags added after a run was saved take their defaults, which keep the earlier behaviour.
+    args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **state["args"]})
     args.data_path = data_path
     dataset, _ = load_data(args, args.seed)
     split = make_split(dataset, args)
@@ -61,7 +62,8 @@ def run_ranks(run_dir: str, data_path: str) -> torch.Tensor:
 
 def markov_ranks(run_dir: str, data_path: str) -> torch.Tensor:
     state = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
-    args = argparse.Namespace(**state["args"])
+    # Flags added after a run was saved take their defaults, which keep the earlier behaviour.
+    args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **state["args"]})
     args.data_path = data_path
     split = make_split(load_data(args, args.seed)[0], args)
     markov = FirstOrderMarkov(split.train)
