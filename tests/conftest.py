@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from types import ModuleType
 
 import pytest
 import torch
@@ -46,3 +48,21 @@ def cuda_device():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     return torch.device("cuda")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a fresh module object (not registered in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "examples", f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def retrieval() -> ModuleType:
+    """``examples/train_retrieval.py``, loaded once per test module."""
+    return load_example("train_retrieval")

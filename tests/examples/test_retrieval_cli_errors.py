@@ -4,7 +4,6 @@
 Each case builds its own tiny data in the test; the checkpoint cases share one tiny trained run.
 """
 
-import importlib.util
 import os
 import pickle
 
@@ -14,18 +13,9 @@ import torch
 from torchrec_hstu.cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "examples", "train_retrieval.py")  # its __main__ is run_cli(cli)
 TINY = ["--batch-size", "16", "--num-negatives", "8", "--embedding-dim", "8", "--attention-dim", "4",
         "--hidden-dim", "4", "--num-layers", "1", "--num-heads", "1", "--max-seq-len", "8",
         "--eval-batch-size", "64", "--no-progress", "--epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def retrieval():
-    spec = importlib.util.spec_from_file_location("train_retrieval_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _log(users=12, per_user=5, offset=0):

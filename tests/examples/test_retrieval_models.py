@@ -1,22 +1,12 @@
 """examples/train_retrieval.py with --model hstu,sasrec, --loss full, --eval-split valid, --recipe and --merge."""
 
-import importlib.util
 import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--num-users", "60", "--num-items", "40", "--num-clusters", "2", "--ring-len", "12", "--min-len", "4",
         "--max-len", "7", "--batch-size", "32", "--embedding-dim", "8", "--attention-dim", "4", "--hidden-dim", "4",
         "--num-layers", "1", "--num-heads", "1", "--max-seq-len", "8", "--epochs", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def retrieval():
-    spec = importlib.util.spec_from_file_location("train_retrieval_models", os.path.join(REPO, "examples", "train_retrieval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_two_models_one_table_and_merge(retrieval, tmp_path):

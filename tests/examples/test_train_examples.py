@@ -29,11 +29,6 @@ def _load(name):
 
 
 @pytest.fixture(scope="module")
-def retrieval():
-    return _load("train_retrieval")
-
-
-@pytest.fixture(scope="module")
 def ranking():
     return _load("train_ranking")
 

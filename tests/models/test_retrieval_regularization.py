@@ -2,9 +2,6 @@
 (:func:`drop_item_tokens`, ``--item-dropout``), label smoothing (``HSTURetrievalTrain(label_smoothing=)``,
 ``--label-smoothing``) and the range checks of those flags and ``--weight-decay``."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +9,6 @@ import torch.nn.functional as F
 from torchrec_hstu.cli import run_cli
 from torchrec_hstu.models.retrieval import HSTURetrieval, HSTURetrievalTrain, drop_item_tokens
 from torchrec_hstu.models.sasrec import SASRecRetrieval
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "examples", "train_retrieval.py")
 
 
 def _hstu(**kwargs) -> HSTURetrieval:
@@ -102,15 +96,6 @@ def test_label_smoothing_refuses_sampled_negatives_and_bad_values() -> None:
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="label_smoothing"):
             HSTURetrievalTrain(model, label_smoothing=bad)
-
-
-@pytest.fixture(scope="module")
-def retrieval():
-    spec = importlib.util.spec_from_file_location("train_retrieval_regularization", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("argv, words", [

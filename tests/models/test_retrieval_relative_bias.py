@@ -40,11 +40,13 @@ def test_bias_matches_a_loop_oracle() -> None:
                 torch.testing.assert_close(out[b, i, j], want)
 
 
-def test_zero_bias_layer_equals_the_stu_layer() -> None:
-    # With both bias tables at zero the dense attention is the STU layer's own math.
+@pytest.mark.parametrize("uvqk_activation", ["u", "all"])
+def test_zero_bias_layer_equals_the_stu_layer(uvqk_activation) -> None:
+    # With both bias tables at zero the dense attention is the STU layer's own math; u, v, q, k
+    # come from the same function (silu on u only, or on all four).
     torch.manual_seed(0)
     kwargs = dict(embedding_dim=16, num_heads=2, hidden_dim=8, attention_dim=4, output_dropout_ratio=0.0,
-                  scaling_seqlen=6)
+                  scaling_seqlen=6, uvqk_activation=uvqk_activation)
     reference = STULayer(**kwargs)  # type: ignore[arg-type]
     layer = RelativeBiasSTULayer(max_seq_len=6, **kwargs)  # type: ignore[arg-type]
     layer.load_state_dict(reference.state_dict(), strict=False)

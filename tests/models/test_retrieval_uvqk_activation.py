@@ -1,19 +1,12 @@
 """``uvqk_activation`` in the retrieval models and ``--uvqk-activation`` (issue 21, fifth ML-100K
 search): silu on u only (GR's production STU, the default) or on u, v, q and k (GR's research
-HSTU). The layer math is tested in ``tests/modules/test_stu.py`` and ``test_kv_cache.py``."""
-
-import importlib.util
-import os
+HSTU). The layer math is tested in ``tests/modules/test_stu.py`` and ``test_kv_cache.py``, the
+relative-bias layer's in ``test_retrieval_relative_bias.py``."""
 
 import pytest
-import torch
 
-from torchrec_hstu.models.relative_bias import RelativeBiasSTULayer, relative_bias_timestamps
 from torchrec_hstu.models.retrieval import HSTURetrieval
 from torchrec_hstu.modules import STULayer
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "examples", "train_retrieval.py")
 
 
 def _layers(model: HSTURetrieval):
@@ -30,33 +23,6 @@ def test_retrieval_model_passes_the_activation_to_every_layer(relative_attention
     assert [layer.config.uvqk_activation for layer in _layers(model)] == ["all", "all"]
     with pytest.raises(ValueError, match="uvqk_activation must be 'u'"):
         HSTURetrieval(12, uvqk_activation="v", **kwargs)  # type: ignore[arg-type]
-
-
-def test_zero_bias_layer_equals_the_stu_layer_with_silu_on_all() -> None:
-    # The relative-bias layer computes u, v, q, k through the same function.
-    torch.manual_seed(0)
-    kwargs = dict(embedding_dim=16, num_heads=2, hidden_dim=8, attention_dim=4, output_dropout_ratio=0.0,
-                  scaling_seqlen=6, uvqk_activation="all")
-    reference = STULayer(**kwargs)  # type: ignore[arg-type]
-    layer = RelativeBiasSTULayer(max_seq_len=6, **kwargs)  # type: ignore[arg-type]
-    layer.load_state_dict(reference.state_dict(), strict=False)
-    with torch.no_grad():
-        layer.relative_bias.position_weight.zero_()
-        layer.relative_bias.time_weight.zero_()
-    x = torch.randn(9, 16)
-    offsets = torch.tensor([0, 3, 4, 9])
-    with relative_bias_timestamps([layer], torch.arange(9) * 60):
-        got = layer(x, offsets, max_seq_len=5)
-    torch.testing.assert_close(got, reference(x, offsets, max_seq_len=5), rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def retrieval():
-    spec = importlib.util.spec_from_file_location("train_retrieval_uvqk_activation", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cli_flag_reaches_the_layers(retrieval) -> None:
