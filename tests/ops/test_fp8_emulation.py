@@ -6,6 +6,7 @@ done in float64 (exact) and rounded once, silu in float64, as the definition say
 differ is the float32 order of accumulating tiles, hence the tight tolerances.
 """
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import pytest
@@ -17,7 +18,7 @@ from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
 from torchrec_hstu.ops.hstu_attention import hstu_attention
 from torchrec_hstu.ops.masks import hstu_attention_mask, sla_attention_mask
-
+from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention
 
 E4M3 = torch.float8_e4m3fn
 SMALL_TILES = FP8TileSizes(
@@ -72,6 +73,14 @@ def tile_quant(x: torch.Tensor, mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
     if mode == 0:
         return x.clamp(-448, 448).to(E4M3).double(), torch.tensor(1.0)
     s = descale(x.abs().max())
+    return (x / s).clamp(-448, 448).to(E4M3).double(), s
+
+
+def vector_quant(x: torch.Tensor, mode: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row (``dim=1``) or per column (``dim=0``) of a tile."""
+    if mode == 0:
+        return x.clamp(-448, 448).to(E4M3).double(), torch.tensor(1.0)
+    s = descale(x.abs().amax(dim=dim, keepdim=True))
     return (x / s).clamp(-448, 448).to(E4M3).double(), s
 
 
@@ -154,13 +163,21 @@ def oracle(q, k, v, dout, lengths, max_seq_len, alpha, options, num_targets, til
                     s = (Qr[rows] @ Kr[cols].T).float() * (Qrd[rows, None] * Krd[None, cols]) * alpha
                     p, dsilu = silu64(s)
                     p = torch.where(mask[rows, cols], p, 0.0)
-                    p8, sp = tile_quant(p, mode)
                     dp = (Or[rows] @ Vr[cols].T).float() * (Ord[rows, None] * Vrd[None, cols]) * 1.0
                     ds = torch.where(mask[rows, cols], dp * dsilu, 0.0)
-                    ds8, sds = tile_quant(ds, mode)
+                    if tiles.bwd_row_scales:
+                        # One scale per key (column) for dV and dK, per query (row) for dQ.
+                        p8, sp = vector_quant(p, mode, 0)
+                        ds8, sds = vector_quant(ds, mode, 0)
+                        dsq8, sdsq = vector_quant(ds, mode, 1)
+                        sp, sds = sp.reshape(-1, 1), sds.reshape(-1, 1)
+                    else:
+                        p8, sp = tile_quant(p, mode)
+                        ds8, sds = tile_quant(ds, mode)
+                        dsq8, sdsq = ds8, sds
                     gv[cols] += (p8.T @ Oc[rows]).float() * (sp * Ocd[m0])
                     gk[cols] += (ds8.T @ Qc[rows]).float() * (sds * Qcd[m0])
-                    gq[rows] += (ds8 @ Kc[cols]).float() * (sds * Kcd[n0])
+                    gq[rows] += (dsq8 @ Kc[cols]).float() * (sdsq * Kcd[n0])
             dv[seq, h] = gv / scaling
             dk[seq, h] = gk * (alpha / scaling)
             dq[seq, h] = gq * (alpha / scaling)
@@ -199,17 +216,47 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("row_scales", [False, True])
 @pytest.mark.parametrize("mode", range(6))
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_matches_loop_oracle_small_tiles(mode, case):
+def test_matches_loop_oracle_small_tiles(mode, case, row_scales):
     lengths, targets, kwargs = CASES[case]
     q, k, v, dout, offsets = make_inputs(lengths, 2, 8, dtype=torch.float32, seed=case)
     nt = None if targets is None else torch.tensor(targets)
     options = AttentionOptions(fp8_quant_mode=mode, **kwargs)
     max_seq_len = max(lengths)
-    got = emulate(q, k, v, dout, offsets, max_seq_len, 0.3, options, nt, SMALL_TILES)
-    want = oracle(q, k, v, dout, lengths, max_seq_len, 0.3, options, nt, SMALL_TILES)
+    tiles = dataclasses.replace(SMALL_TILES, bwd_row_scales=row_scales)
+    got = emulate(q, k, v, dout, offsets, max_seq_len, 0.3, options, nt, tiles)
+    want = oracle(q, k, v, dout, lengths, max_seq_len, 0.3, options, nt, tiles)
     assert_matches_oracle(got, want)
+
+
+@pytest.mark.parametrize("mode", range(1, 6))
+def test_row_scales_change_only_gradients_and_not_for_the_worse(mode):
+    """Per-row backward scales (the Triton "fast" default at D <= 128): the forward is
+    unchanged, the gradients differ, and their error vs the float64 reference is at most the
+    tile-scaled definition's (kernel tiles, bf16 inputs, 1.1x: notes decision 5)."""
+    lengths = [300, 1, 0, 129, 64]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 32, seed=20 + mode)
+    options = AttentionOptions(fp8_quant_mode=mode)
+    tile = emulate(q, k, v, dout, offsets, 300, 0.2, options)
+    row = emulate(q, k, v, dout, offsets, 300, 0.2, options, None,
+                  FP8TileSizes.for_head_dim(32, bwd_row_scales=True))
+    ref_options = AttentionOptions()
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out = pytorch_hstu_attention(*leaves, offsets, 300, 0.2, ref_options)
+    ref = (out,) + torch.autograd.grad(out, leaves, dout.double())
+    assert torch.equal(tile[0], row[0])
+    for name, t, r, f in list(zip(("out", "dq", "dk", "dv"), tile, row, ref))[1:]:
+        assert not torch.equal(t, r), name
+        err_tile = float((t.double() - f).norm() / f.norm())
+        err_row = float((r.double() - f).norm() / f.norm())
+        assert err_row <= 1.1 * err_tile, f"{name}: row scales {err_row:.3e} vs tile {err_tile:.3e}"
+
+
+def test_tile_sizes_refuse_non_bool_row_scales():
+    with pytest.raises(ValueError, match="bwd_row_scales"):
+        FP8TileSizes(bwd_row_scales=1)
 
 
 @pytest.mark.parametrize("mode", range(6))

@@ -5,7 +5,10 @@ Two checks per case, for the forward output and each of ``dq, dk, dv``:
 1. Error vs the fp32 reference (the PyTorch reference on the same bf16 inputs upcast): the
    Triton FP8 error is at most ``1.1x`` the emulation's error, in relative L2 and in max-abs
    (the max-abs check allows one bf16 rounding step of ``max|ref|`` on top, since both outputs
-   are rounded to bf16 and a single element can round either way).
+   are rounded to bf16 and a single element can round either way). The emulation uses the
+   kernel path's backward scale granularity: per row under "fast" at head dims <= 128
+   (``fp8_bwd_row_scales``), per tile otherwise; ``test_fp8_emulation.py`` holds the
+   row-scaled definition to the tile-scaled one's error.
 2. Agreement with the emulation itself with fp32 inputs (no output rounding): both define the
    same fp8 products, so they differ only by fp32 summation order (and the rare fp8 rounding
    flip that order can cause).
@@ -13,6 +16,7 @@ Two checks per case, for the forward output and each of ``dq, dk, dv``:
 Set ``TORCHREC_HSTU_ERROR_TABLE=<path>`` to append the measured errors as JSON lines.
 """
 
+import functools
 import json
 import os
 from typing import Dict, List, Optional
@@ -25,8 +29,10 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from strategies import jagged_batches  # noqa: E402
+
 from torchrec_hstu.ops.common import AttentionOptions  # noqa: E402
 from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated  # noqa: E402
+from torchrec_hstu.ops.fp8.quantize import FP8TileSizes  # noqa: E402
 from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -114,7 +120,11 @@ def check_fp8_errors(
     alpha = 1.0 / dqk**0.5
     args = (offsets, max_seq_len, alpha, options, targets)
     tri = _run(triton_fn, q, k, v, dout, *args)
-    emu = _run(fp8_hstu_attention_emulated, q, k, v, dout, *args)
+    from torchrec_hstu.ops.triton.fp8_attention import DEFAULT_FP8_ACCUMULATION, fp8_bwd_row_scales
+
+    accumulation = "precise" if triton_fn is _triton_precise else DEFAULT_FP8_ACCUMULATION
+    tiles = FP8TileSizes.for_head_dim(max(dqk, dv), fp8_bwd_row_scales(dqk, dv, accumulation))
+    emu = _run(functools.partial(fp8_hstu_attention_emulated, tile_sizes=tiles), q, k, v, dout, *args)
     ref_options = AttentionOptions(**{**options.__dict__, "fp8_quant_mode": -1})
     ref = _run(pytorch_hstu_attention, q.float(), k.float(), v.float(), dout.float(), offsets,
                max_seq_len, alpha, ref_options, targets)

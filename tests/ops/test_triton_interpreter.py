@@ -9,8 +9,11 @@ segments, masks, both backward launch layouts, the custom ops' autograd) runs on
   that fill the block and that do not (24 / 40 in blocks of 32 / 64), every backward layout
   (fused, split dV | dK+dQ, and dQ by its own query-parallel kernel after either);
 * ``triton_fp8_hstu_attention`` for every ``fp8_quant_mode`` against the PyTorch FP8
-  emulation (same quantizers and tiles; fp32 summation order apart), with dQ by atomics and by
-  the query-parallel dQ kernel.
+  emulation (same quantizers and tiles; fp32 summation order apart): the default "fast"
+  accumulation against the emulation with per-row P / dS scales
+  (``FP8TileSizes.bwd_row_scales``; dQ by the query-parallel dQ kernel after a split or a
+  fused dK / dV launch), "precise" against the tile-scaled one (dQ by atomics and by the dQ
+  kernel).
 
 The GPU runs of the same kernels (bf16/fp16, real fp8 tensor cores, autotuned tiles) are in
 ``test_triton_attention.py`` and ``test_triton_fp8.py`` (``gpu`` marker).
@@ -29,6 +32,7 @@ _SCRIPT = """
     import torch
     from torchrec_hstu.ops.common import AttentionOptions
     from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
     from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention
     from torchrec_hstu.ops.triton import fp8_attention
     from torchrec_hstu.ops.triton import hstu_attention as triton_attention
@@ -43,9 +47,9 @@ _SCRIPT = """
     num_targets = torch.tensor([0, 1, 3, 5, 2])
 
 
-    def run(fn, q, k, v, dout, options, targets):
+    def run(fn, q, k, v, dout, options, targets, **kwargs):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = fn(*leaves, offsets, max_seq_len, 0.3, options, targets)
+        out = fn(*leaves, offsets, max_seq_len, 0.3, options, targets, **kwargs)
         return [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
 
 
@@ -85,17 +89,27 @@ _SCRIPT = """
                 triton_attention.bwd_candidates = fused_candidates
     q, k, v, dout = (torch.randn(total, 2, 32) * 0.5 for _ in range(4))
     fp8_candidates = fp8_attention.fp8_bwd_candidates
-    # FP8 backward layouts: dQ by atomics (split dV | dK+dQ) and by its own query-parallel kernel.
+    # FP8 backward layouts: dQ by atomics (split dV | dK+dQ; tile scales only) and by its own
+    # query-parallel kernel after a split or a fused dK / dV launch.
     fp8_layouts = {"atomic_dq": KernelConfig(0, 0, 4, 1, split_bwd=True),
-                   "dq_kernel": KernelConfig(0, 0, 4, 1, split_bwd=True, dq=KernelConfig(0, 0, 4, 1))}
+                   "dq_kernel": KernelConfig(0, 0, 4, 1, split_bwd=True, dq=KernelConfig(0, 0, 4, 1)),
+                   "fused_dq_kernel": KernelConfig(0, 0, 4, 1, dq=KernelConfig(0, 0, 4, 1))}
+    row_scales = FP8TileSizes.for_head_dim(32, bwd_row_scales=True)
     for mode in (range(6) if PART == "fp8" else []):
         options = AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1, max_attn_len=20)
-        want = run(fp8_hstu_attention_emulated, q, k, v, dout, options, num_targets)
-        for layout, config in fp8_layouts.items():
-            fp8_attention.fp8_bwd_candidates = lambda *_, config=config: [config]
-            result[f"fp8_mode{mode}/{layout}"] = errors(
-                run(triton_fp8_hstu_attention, q, k, v, dout, options, num_targets), want)
-            fp8_attention.fp8_bwd_candidates = fp8_candidates
+        wants = {"fast": run(fp8_hstu_attention_emulated, q, k, v, dout, options, num_targets,
+                             tile_sizes=row_scales),
+                 "precise": run(fp8_hstu_attention_emulated, q, k, v, dout, options, num_targets)}
+        layouts = {"fast": ["dq_kernel"] + (["fused_dq_kernel"] if mode in (1, 2) else []),
+                   "precise": ["atomic_dq"] + (["dq_kernel"] if mode in (1, 2) else [])}
+        for accumulation, names in layouts.items():
+            for layout in names:
+                config = fp8_layouts[layout]
+                fp8_attention.fp8_bwd_candidates = lambda *_, config=config: [config]
+                result[f"fp8_mode{mode}/{accumulation}/{layout}"] = errors(
+                    run(triton_fp8_hstu_attention, q, k, v, dout, options, num_targets,
+                        fp8_accumulation=accumulation), wants[accumulation])
+                fp8_attention.fp8_bwd_candidates = fp8_candidates
     # The key-parallel launch reading q, dO and their transposes through TMA descriptors of the
     # whole batch: rows past a sequence are the next sequence's, which the masks must zero (the
     # interpreter runs the loads; the dQ bulk reduction is GPU-only). The 300-token sequence has
@@ -124,7 +138,7 @@ _SCRIPT = """
         result["transposed_layout/bytes_differing"] = [int((xt != expect).sum())] * 4
     for mode in ((1, 2) if PART == "fp8" else []):
         fp8_attention.fp8_bwd = functools.partial(fp8_bwd, tma=True)
-        fp8_attention.fp8_bwd_candidates = lambda *_: [fp8_layouts["atomic_dq"]]
+        fp8_attention.fp8_bwd_candidates = lambda *_: [fp8_layouts["dq_kernel"]]
         for name, (opts, targets) in {"plain_causal": (AttentionOptions(fp8_quant_mode=mode), None),
                                       "id_rule": (AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1,
                                                                    max_attn_len=20), num_targets)}.items():
@@ -145,7 +159,7 @@ _SCRIPT = """
 
 
 # Two processes (bf16 / fp16 kernels, FP8 kernels), so pytest-xdist runs them side by side.
-@pytest.mark.parametrize("part,cases", [("bf16", 5 * 2 * 2 + 5 * 2), ("fp8", 6 * 2 + 2 * 2 + 1)])
+@pytest.mark.parametrize("part,cases", [("bf16", 5 * 2 * 2 + 5 * 2), ("fp8", 6 * 2 + 2 * 2 + 2 * 2 + 1)])
 def test_full_triton_kernels_forward_and_backward(tmp_path, part, cases):
     result = run_in_interpreter(_SCRIPT.replace("__PART__", part), tmp_path)
     assert len(result) == cases

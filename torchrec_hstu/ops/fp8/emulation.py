@@ -15,7 +15,8 @@ Forward (tiles ``BM x BN`` = ``fwd_block_m x fwd_block_n``, P scale rows ``R = f
    (the tile product rounded to float32, then scaled and accumulated in float32; ``v_descale``
    is per-d for mode 1). The output has the input dtype (decision 6).
 
-Backward (tiles ``bwd_block_m x bwd_block_n``, both P and dS scaled per whole tile): q, k, v and
+Backward (tiles ``bwd_block_m x bwd_block_n``, both P and dS scaled per whole tile, or per row
+of the tile with ``FP8TileSizes.bwd_row_scales``: see there): q, k, v and
 dO are re-quantized from the high-precision tensors with the backward block sizes (mode 1:
 row-wise for ``S`` and ``dP``, column-wise q, k, dO for the products along tokens), then::
 
@@ -235,27 +236,35 @@ def _backward(
         s = _scores(q_r.values_at(index), k_r.values_at(index), q_r.descale_at(index), k_r.descale_at(index), alpha)
         p, dsilu = _silu_and_derivative(s)
         p = torch.where(mask, p, 0.0)
-        p8, p_scale = quantize_tiles(p, bm, bn, scaled=mode != 0)
         dp = _scores(do_r.values_at(index), v_r.values_at(index), do_r.descale_at(index), v_r.descale_at(index), 1.0)
         ds = torch.where(mask, dp * dsilu, 0.0)
-        ds8, ds_scale = quantize_tiles(ds, bm, bn, scaled=mode != 0)
+        # Scales along keys for the products along queries (dV, dK), [b, H, tiles_m, N, 1]:
+        # per tile, or per key of the tile (row scales).
+        key_cols = 1 if tiles.bwd_row_scales else bn
+        p8, p_scale = quantize_tiles(p, bm, key_cols, scaled=mode != 0)
+        ds8, ds_scale = quantize_tiles(ds, bm, key_cols, scaled=mode != 0)
+        p_scale_cols = p_scale.repeat_interleave(key_cols, dim=-1).unsqueeze(-1)
+        ds_scale_cols = ds_scale.repeat_interleave(key_cols, dim=-1).unsqueeze(-1)
         # Products along queries (dV, dK): per query tile m, scaled by the tile's column descale.
         p8_m = p8.double().reshape(b, num_heads, tiles_m, bm, n)
         ds8_m = ds8.double().reshape(b, num_heads, tiles_m, bm, n)
         do8_m = do_c.values_at(index).reshape(b, num_heads, tiles_m, bm, dim_v)
         q8_m = q_c.values_at(index).reshape(b, num_heads, tiles_m, bm, dim_qk)
-        p_scale_cols = p_scale.repeat_interleave(bn, dim=-1).unsqueeze(-1)  # [b, H, tiles_m, N, 1]
-        ds_scale_cols = ds_scale.repeat_interleave(bn, dim=-1).unsqueeze(-1)
         do_descale = do_c.descale_at(index)[:, :, ::bm].unsqueeze(3)  # [b, H, tiles_m, 1, Dv or 1]
         q_descale = q_c.descale_at(index)[:, :, ::bm].unsqueeze(3)
         dv_part = torch.einsum("bhtmn,bhtmd->bhtnd", p8_m, do8_m).float()
         dv = (dv_part * (p_scale_cols * do_descale)).sum(dim=2) / scaling_seqlen
         dk_part = torch.einsum("bhtmn,bhtmd->bhtnd", ds8_m, q8_m).float()
         dk = (dk_part * (ds_scale_cols * q_descale)).sum(dim=2) * grad_scale
-        # dQ: per key tile n, scaled by the tile's k column descale.
+        # dQ: per key tile n, scaled by the tile's k column descale. dS scales along queries,
+        # [b, H, N, tiles_n, 1]: the tile's, or (row scales) each query's over the key tile.
+        if tiles.bwd_row_scales:
+            ds8, ds_scale = quantize_tiles(ds, 1, bn, scaled=mode != 0)
+            ds_scale_rows = ds_scale.unsqueeze(-1)
+        else:
+            ds_scale_rows = ds_scale.repeat_interleave(bm, dim=2).unsqueeze(-1)
         ds8_n = ds8.double().reshape(b, num_heads, n, tiles_n, bn)
         k8_n = k_c.values_at(index).reshape(b, num_heads, tiles_n, bn, dim_qk)
-        ds_scale_rows = ds_scale.repeat_interleave(bm, dim=2).unsqueeze(-1)  # [b, H, N, tiles_n, 1]
         k_descale = k_c.descale_at(index)[:, :, ::bn].unsqueeze(2)  # [b, H, 1, tiles_n, Dqk or 1]
         dq_part = torch.einsum("bhmtk,bhtkd->bhmtd", ds8_n, k8_n).float()
         dq = (dq_part * (ds_scale_rows * k_descale)).sum(dim=3) * grad_scale

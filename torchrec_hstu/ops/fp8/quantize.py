@@ -65,6 +65,13 @@ class FP8TileSizes:
         bwd_block_n: backward key tile (mode 2 k/v block size; P and dS scale tile columns).
         colwise_chunk: token granularity of mode 1's column-wise scales (v forward; q, k, dO
             backward).
+        bwd_row_scales: backward P and dS scales per row of the tile instead of per whole
+            tile: for dV and dK one scale per key over the ``bwd_block_m`` queries of a tile,
+            for dQ (a second quantization of dS) one per query over the ``bwd_block_n`` keys.
+            Each scale stays constant along its product's reduction, as a tile scale does, so
+            it factors out of the fp8 product; the row maxima need no reduction across warps
+            in a kernel. The Triton kernels' "fast" accumulation at head dims <= 128; the
+            CUTLASS kernel scales the whole tile (False).
     """
 
     fwd_block_m: int = 128
@@ -73,9 +80,14 @@ class FP8TileSizes:
     bwd_block_m: int = 64
     bwd_block_n: int = 128
     colwise_chunk: int = COLWISE_CHUNK
+    bwd_row_scales: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bwd_row_scales, bool):
+            raise ValueError(f"FP8TileSizes.bwd_row_scales must be a bool; got {self.bwd_row_scales!r}")
         for field in dataclasses.fields(self):
+            if field.name == "bwd_row_scales":
+                continue
             value = getattr(self, field.name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"FP8TileSizes.{field.name} must be a positive int; got {value!r}")
@@ -91,9 +103,9 @@ class FP8TileSizes:
                 )
 
     @staticmethod
-    def for_head_dim(head_dim: int) -> "FP8TileSizes":
+    def for_head_dim(head_dim: int, bwd_row_scales: bool = False) -> "FP8TileSizes":
         """The SM90 kernel's tiles for head dim ``head_dim`` (no relative attention bias)."""
-        return FP8TileSizes(fwd_block_n=128 if head_dim <= 128 else 64)
+        return FP8TileSizes(fwd_block_n=128 if head_dim <= 128 else 64, bwd_row_scales=bwd_row_scales)
 
     @property
     def padding_multiple(self) -> int:

@@ -83,7 +83,8 @@ logger = logging.getLogger(__name__)
 #:
 #: * ``"fast"`` (default): Hopper's native fp8 wgmma for every product, and in the forward
 #:   ``silu`` through ``tanh.approx.f32`` (``silu(x) = h + h tanh(h)``, ``h = x / 2``), as the
-#:   CUTLASS kernel computes it; the quantizers multiply by the reciprocal descale
+#:   CUTLASS kernel computes it; at head dims <= 128 the backward scales P and dS per row of
+#:   the tile (:func:`fp8_bwd_row_scales`); the quantizers multiply by the reciprocal descale
 #:   (:func:`~torchrec_hstu.ops.triton.fp8_quantize.triton_quantize_for_mode`). Error vs the
 #:   float64 reference within 1.1x the emulation's (the bound of notes decision 5; measured by
 #:   ``benchmarks/fp8_fwd_speed.py``).
@@ -412,6 +413,30 @@ def _tile_quant(x, QUANT_MODE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _row_quant(x, QUANT_MODE: tl.constexpr, INTERPRET: tl.constexpr):
+    """One scale per row of the tile, ``[R, 1]`` (mode 0: saturating cast, scale 1). In the
+    wgmma accumulator layout a row lies within one warp: no exchange across warps."""
+    # One return statement: Triton checks every return's type, in pruned branches too.
+    if QUANT_MODE == 0:
+        scale = tl.full([x.shape[0], 1], 1.0, tl.float32)
+        x8 = to_e4m3_saturated(x, INTERPRET)
+    else:
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1, keep_dims=True) / 448.0, 1e-6)
+        x8 = to_e4m3_saturated(x * (1.0 / scale), INTERPRET)
+    return x8, scale
+
+
+@triton.jit
+def _scores_quant(x, QUANT_MODE: tl.constexpr, ROW_SCALES: tl.constexpr, INTERPRET: tl.constexpr):
+    """P or dS in fp8 with its scale: per row (:func:`_row_quant`) or per tile."""
+    if ROW_SCALES:
+        x8, scale = _row_quant(x, QUANT_MODE, INTERPRET)
+    else:
+        x8, scale = _tile_quant(x, QUANT_MODE, INTERPRET)
+    return x8, scale
+
+
+@triton.jit
 def _fp8_bwd_sigmoid(s, FAST_SILU: tl.constexpr, INTERPRET: tl.constexpr):
     """``sigmoid(s)``; under ``FAST_SILU`` (fast accumulation) as ``(1 + tanh(s / 2)) / 2`` by
     ``tanh.approx`` (one MUFU op instead of exp + divide; the interpreter has no PTX)."""
@@ -433,7 +458,7 @@ def _fp8_bwd_tile(
     MASKED: tl.constexpr, COMPUTE_DV: tl.constexpr, COMPUTE_DKDQ: tl.constexpr,
     INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
     FAST_SILU: tl.constexpr, ATOMIC_DQ: tl.constexpr, RESCALE: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_REDUCE: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_REDUCE: tl.constexpr, ROW_SCALES: tl.constexpr,
 ):
     """One query tile ``[m0, m0 + BLOCK_M)`` of the FP8 backward. ``tn``: the bound of the token
     columns read from the transposed ``qct`` / ``doct`` (``n`` rounded up to 16 for the aligned
@@ -441,8 +466,8 @@ def _fp8_bwd_tile(
 
     ``RESCALE`` (modes 2..5, whose column descales are one number per query tile): ``dv``
     holds ``dV / rv`` and ``dk`` holds ``dK / rk``, where ``rv``/``rk`` are the last tile's
-    factors (tile scale x column descale); each tile rescales the accumulator by
-    ``r_prev / r`` and the tensor core accumulates into it, so no second ``[BLOCK_N, D]`` fp32
+    factors (tile scale x column descale; ``[BLOCK_N, 1]`` under ``ROW_SCALES``); each tile
+    rescales the accumulator by ``r_prev / r`` and the tensor core accumulates into it, so no second ``[BLOCK_N, D]`` fp32
     product tile is live (without it the 8-warp launches spill 1-2 KB per thread). The kernel
     multiplies by the final factors. One fp32 rounding per tile more than the definition's
     order.
@@ -480,7 +505,8 @@ def _fp8_bwd_tile(
             valid = valid & row_in[None, :]
         pT = tl.where(valid, pT, 0.0)
     if COMPUTE_DV:
-        p8T, p_scale = _tile_quant(pT, QUANT_MODE, INTERPRET)
+        # Rows of pT are keys: a row scale is constant along the dV product's reduction.
+        p8T, p_scale = _scores_quant(pT, QUANT_MODE, ROW_SCALES, INTERPRET)
         if USE_TMA:
             doct = doct_ptrs.load([do_col, tstart + m0])
         else:
@@ -512,7 +538,7 @@ def _fp8_bwd_tile(
         dsT = dpT * (sigT * (1.0 + sT * (1.0 - sigT)))
         if MASKED:
             dsT = tl.where(valid, dsT, 0.0)
-        ds8T, ds_scale = _tile_quant(dsT, QUANT_MODE, INTERPRET)
+        ds8T, ds_scale = _scores_quant(dsT, QUANT_MODE, ROW_SCALES, INTERPRET)
         if USE_TMA:
             qct = qct_ptrs.load([q_col, tstart + m0])
         else:
@@ -562,11 +588,15 @@ def _fp8_bwd_kernel(
     MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr, T_ALIGNED: tl.constexpr = False,
     FAST_SILU: tl.constexpr = False, ATOMIC_DQ: tl.constexpr = True, RESCALE: tl.constexpr = False,
     USE_TMA: tl.constexpr = False, TMA_REDUCE: tl.constexpr = False,
+    ROW_SCALES: tl.constexpr = False,
 ):
     """FP8 backward, one program per (key block, sequence, head). ``T_ALIGNED``: ``QCT``,
     ``KCT``, ``DOCT`` are in :func:`_transposed_aligned`'s layout (else :func:`_transposed`'s).
     ``USE_TMA`` (``T_ALIGNED`` too): ``Q``, ``DO``, ``QCT``, ``DOCT`` are tensor descriptors
-    (see :func:`_fp8_bwd_tile`); ``TMA_REDUCE``: ``DQ_DESC`` is ``DQ``'s."""
+    (see :func:`_fp8_bwd_tile`); ``TMA_REDUCE``: ``DQ_DESC`` is ``DQ``'s. ``ROW_SCALES``: P
+    and dS scaled per key (``FP8TileSizes.bwd_row_scales``); dQ then needs the dQ kernel,
+    whose dS scales run along queries."""
+    tl.static_assert(not (ROW_SCALES and ATOMIC_DQ), "row scales: dQ by the dQ kernel")
     pid_bh = tl.program_id(0)
     n_block = tl.program_id(1)
     b = pid_bh // H
@@ -622,8 +652,12 @@ def _fp8_bwd_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     else:
         dv = tl.zeros([1, 1], dtype=tl.float32)
-    rk = tl.full([], 1.0, tl.float32)
-    rv = tl.full([], 1.0, tl.float32)
+    if ROW_SCALES:
+        rk = tl.full([BLOCK_N, 1], 1.0, tl.float32)
+        rv = tl.full([BLOCK_N, 1], 1.0, tl.float32)
+    else:
+        rk = tl.full([], 1.0, tl.float32)
+        rv = tl.full([], 1.0, tl.float32)
     qd_ptrs = QD + start * stride_qdm + h * stride_qdh
     dod_ptrs = DOD + start * stride_dodm + h * stride_dodh
     qdc_ptrs = QDC + start * stride_qdcm + h * stride_qdch
@@ -652,7 +686,7 @@ def _fp8_bwd_kernel(
                 stride_dodcm, stride_dodcd, stride_dqm, n, tn, T, c, W, M, sla_k1, K2, alpha,
                 DQK, DV_DIM, QUANT_MODE, MASK_MODE, SEGMENT != 2, COMPUTE_DV, COMPUTE_DKDQ,
                 INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S, FAST_SILU, ATOMIC_DQ, TILE_SCALAR,
-                USE_TMA, TMA_REDUCE)
+                USE_TMA, TMA_REDUCE, ROW_SCALES)
     if COMPUTE_DKDQ:
         tl.store(DK + start * stride_dkm + h * stride_dkh + offs_n[:, None] * stride_dkm
                  + offs_dqk[None, :], (dk * (rk * dk_scale)).to(DK.dtype.element_ty),
@@ -671,10 +705,12 @@ def _fp8_dq_tile(
     DQK: tl.constexpr, DV: tl.constexpr, QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
     MASKED: tl.constexpr, INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr,
     MAX_IMPRECISE_S: tl.constexpr, FAST_SILU: tl.constexpr, TILE_SCALAR: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
 ):
     """One key tile ``[j0, j0 + BLOCK_N)`` of the FP8 dQ: the (query tile x key tile) of the
     key-parallel backward seen from the query side, so ``dS`` and its tile scale are the same
-    numbers (the amax runs over the same elements)."""
+    numbers (the amax runs over the same elements). ``ROW_SCALES``: one dS scale per query
+    (row) over the key tile, constant along this product's reduction."""
     j0 = tl.multiple_of(j0, 16)
     cols = j0 + offs_n
     col_in = cols < n
@@ -698,7 +734,7 @@ def _fp8_dq_tile(
     if MASKED:
         valid = valid_mask(offs_m[:, None], cols[None, :], n, T, c, W, M, sla_k1, K2, MASK_MODE)
         ds = tl.where(valid, ds, 0.0)
-    ds8, ds_scale = _tile_quant(ds, QUANT_MODE, INTERPRET)
+    ds8, ds_scale = _scores_quant(ds, QUANT_MODE, ROW_SCALES, INTERPRET)
     kct = tl.load(KCT_base + offs_dqk[:, None] * stride_kctd + cols[None, :],
                   mask=(offs_dqk[:, None] < DQK) & (cols < tn)[None, :], other=0.0)
     if TILE_SCALAR:
@@ -730,7 +766,7 @@ def _fp8_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT_MODE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
     INTERPRET: tl.constexpr, MAX_IMPRECISE: tl.constexpr, MAX_IMPRECISE_S: tl.constexpr,
-    FAST_SILU: tl.constexpr, RESCALE: tl.constexpr,
+    FAST_SILU: tl.constexpr, RESCALE: tl.constexpr, ROW_SCALES: tl.constexpr = False,
 ):
     """FP8 dQ, one program per (query tile, sequence, head), no atomics: the forward's walk
     over key tiles (``KCT`` in :func:`_transposed_aligned`'s layout). The key-parallel launch
@@ -771,7 +807,10 @@ def _fp8_bwd_dq_kernel(
     KCT_base = KCT + h * stride_kcth + tstart
     KDC_base = KDC + start * stride_kdcm + h * stride_kdch
     acc = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
-    r_prev = tl.full([], 1.0, tl.float32)
+    if ROW_SCALES:
+        r_prev = tl.full([BLOCK_M, 1], 1.0, tl.float32)
+    else:
+        r_prev = tl.full([], 1.0, tl.float32)
     ta0, ta1, tb0, ti0, ti1, tb1 = fwd_tile_ranges(
         m0, n, T, c, W, M, sla_k1, K2, MASK_MODE, BLOCK_M, BLOCK_N)
     for SEGMENT in tl.static_range(4):
@@ -782,7 +821,7 @@ def _fp8_bwd_dq_kernel(
                 KDC_base, j0, offs_m, offs_n, offs_dqk, offs_dv, stride_km, stride_kdm,
                 stride_vm, stride_vdm, stride_kctd, stride_kdcm, stride_kdcd, n, tn, T, c, W,
                 M, sla_k1, K2, alpha, DQK, DV_DIM, QUANT_MODE, MASK_MODE, SEGMENT != 2,
-                INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S, FAST_SILU, TILE_SCALAR)
+                INTERPRET, MAX_IMPRECISE, MAX_IMPRECISE_S, FAST_SILU, TILE_SCALAR, ROW_SCALES)
     tl.store(DQ + start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_dqk[None, :], (acc * (r_prev * dq_scale)).to(DQ.dtype.element_ty),
              mask=row_in[:, None] & (offs_dqk[None, :] < DQK))
@@ -851,8 +890,37 @@ def fp8_fwd_candidates(dqk: int, dv: int, fp8_accumulation: str = DEFAULT_FP8_AC
     return [KernelConfig(128, 0, 8, 2)]
 
 
-def fp8_bwd_candidates(dqk: int, dv: int) -> list:
-    """Backward configs (tile sizes fixed by the FP8 definition; warps, stages, split vary)."""
+def fp8_bwd_row_scales(dqk: int, dv: int, fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION) -> bool:
+    """Whether the FP8 backward scales P and dS per row (``FP8TileSizes.bwd_row_scales``)
+    instead of per tile: under "fast" accumulation at head dims up to 128.
+
+    H200 (2026-12-03, B=16, N=8192, D=128, whole backward with the re-quantizations,
+    autotuned): 8.76-8.87 ms with row scales vs 9.78 with tile scales; ncu of the tile-scaled
+    one-launch kernel: 18% of stall samples at barriers, and replacing both tile maxima by a
+    constant scale saved 2.1 of 11.4 ms. At D = 256 row scales were no faster (27.3 vs 26.9
+    ms) and mode 1's dQ max error exceeded 1.1x the emulation's (5.7e-2 vs 4.5e-2), so the
+    tile scales stay there."""
+    return fp8_accumulation == "fast" and max(dqk, dv) <= 128
+
+
+def fp8_bwd_candidates(dqk: int, dv: int, fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION) -> list:
+    """Backward configs (tile sizes fixed by the FP8 definition; warps, stages, split vary).
+
+    With row scales (:func:`fp8_bwd_row_scales`) dQ comes from the query-parallel dQ kernel,
+    so every candidate has ``dq`` set; the dQ kernel runs one warpgroup per 64-query tile (4
+    warps: a query's row lies within one warp) or two (8 warps, the key tile split between
+    them). H200 (2026-12-03, B=16, D=128, modes 2 / 5): fused dK+dV 8:2 with dQ 4:2 8.87 /
+    8.76 ms at N=8192 (2.34 at N=4096), fused 8:3 10.1 / 9.9, dQ 8:2 11.7 / 11.8, split 8:2
+    11.4 / 11.0, split 8:1 14.9 / 14.6 (fits 99 KB of shared memory: last)."""
+    if fp8_bwd_row_scales(dqk, dv, fp8_accumulation):
+        if interpret_mode():
+            return [KernelConfig(0, 0, 4, 1, split_bwd=True, dq=KernelConfig(0, 0, 4, 1))]
+        return [KernelConfig(0, 0, 8, 2, dq=KernelConfig(0, 0, 4, 2)),
+                KernelConfig(0, 0, 8, 3, dq=KernelConfig(0, 0, 4, 3)),
+                KernelConfig(0, 0, 8, 2, dq=KernelConfig(0, 0, 8, 2)),
+                KernelConfig(0, 0, 8, 2, split_bwd=True, dq=KernelConfig(0, 0, 4, 2)),
+                KernelConfig(0, 0, 8, 1, split_bwd=True, dq=KernelConfig(0, 0, 4, 1))]
+    # Tile scales (as the CUTLASS kernel): "precise" / "mixed", and "fast" at D = 256.
     if interpret_mode():
         return [KernelConfig(0, 0, 4, 1)]
     # Measured on H100 (2026-11-25): split beat fused by 1.8x at D = 128 (6.5 vs 11.8 ms,
@@ -1091,9 +1159,11 @@ def fp8_bwd(
     tma: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Re-quantize ``q, k, v, dout`` with the backward tiles (fused Triton quantizers) and run
-    the FP8 backward. ``tma``: read the key-parallel launch's per-tile operands through TMA
-    descriptors (default: where :func:`fp8_bwd_tma_supported`, never in the interpreter; the
-    interpreter can run the loads, not the dQ bulk reduction). Same numbers either way."""
+    the FP8 backward. P and dS are scaled per tile, or per row where
+    :func:`fp8_bwd_row_scales` (then ``config.dq`` must be set: dQ by the dQ kernel).
+    ``tma``: read the key-parallel launch's per-tile operands through TMA descriptors
+    (default: where :func:`fp8_bwd_tma_supported`, never in the interpreter; the interpreter
+    can run the loads, not the dQ bulk reduction). Same numbers either way."""
     from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
 
     check_fp8_accumulation(fp8_accumulation)
@@ -1135,14 +1205,16 @@ def fp8_bwd(
     tma_reduce = tma and not interpret_mode()
 
     fast = fp8_accumulation == "fast"
+    row_scales = fp8_bwd_row_scales(dqk, dv_dim, fp8_accumulation)
     common = dict(
         DQK=dqk, DV_DIM=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
         INTERPRET=interpret_mode(), MAX_IMPRECISE=_max_imprecise(False, fp8_accumulation),
         MAX_IMPRECISE_S=_max_imprecise(True, fp8_accumulation),
-        # Fast accumulation: tanh sigmoid, and modes 2..5 accumulate dK / dV / dQ in place
-        # (RESCALE); both measured against the float64 bound like the forward's.
-        FAST_SILU=fast, RESCALE=fast,
+        # Fast accumulation: tanh sigmoid, modes 2..5 accumulate dK / dV / dQ in place
+        # (RESCALE), and at D <= 128 P / dS scales per row (fp8_bwd_row_scales: no exchange
+        # of tile maxima across warps); all measured against the float64 bound.
+        FAST_SILU=fast, RESCALE=fast, ROW_SCALES=row_scales,
     )
 
     def launch(cfg: KernelConfig, compute_dv: bool, compute_dkdq: bool, atomic_dq: bool,
@@ -1197,7 +1269,11 @@ def fp8_bwd(
     if config is None:
         key = ("fp8_bwd", mode, fp8_accumulation, q.dtype, block_dqk, block_dv, mask.mode,
                _seq_class(max_seq_len))
-        config = choose_config(key, fp8_bwd_candidates(dqk, dv_dim), max_seq_len, run)
+        config = choose_config(key, fp8_bwd_candidates(dqk, dv_dim, fp8_accumulation), max_seq_len, run)
+    elif row_scales and config.dq is None:
+        raise ValueError("with row scales (fp8_accumulation='fast', head dims <= 128) dS is scaled "
+                         "per key for dK and per query for dQ, so dQ needs the dQ kernel: "
+                         f"config.dq must be set; got {config}")
     run(config)
     return dq, dk, dv
 

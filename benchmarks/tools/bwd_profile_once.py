@@ -1,0 +1,98 @@
+"""Time one attention's forward and backward through its public entry, and optionally bracket
+one backward with ``cudaProfilerStart/Stop`` for ``ncu --profile-from-start off``.
+
+Kinds: ``triton_bf16``, ``triton_fp8`` (ours), ``cutlass_bf16``, ``cutlass_fp8`` (FBGEMM's
+wheel), on B sequences of N tokens, H=4, causal, bf16 inputs. Prints one JSON line: forward ms,
+forward+backward ms (median of CUDA-event timings) and their difference, the backward.
+
+    python benchmarks/tools/bwd_profile_once.py --kind triton_fp8 --mode 2 [--n 8192 --dim 128]
+    ncu --profile-from-start off --clock-control none --set full --import-source yes -o rep \\
+        python benchmarks/tools/bwd_profile_once.py --kind triton_fp8 --profile
+"""
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from torchrec_hstu.ops.common import AttentionOptions  # noqa: E402
+
+
+def attention_of(kind: str, mode: int):
+    options = AttentionOptions(fp8_quant_mode=mode if kind.endswith("fp8") else -1)
+    if kind.startswith("cutlass"):
+        from torchrec_hstu.ops.cutlass import cutlass_hstu_attention
+
+        return lambda q, k, v, offsets, n, alpha: cutlass_hstu_attention(q, k, v, offsets, n, alpha, options)
+    if kind == "triton_fp8":
+        from torchrec_hstu.ops.triton.fp8_attention import triton_fp8_hstu_attention
+
+        return lambda q, k, v, offsets, n, alpha: triton_fp8_hstu_attention(q, k, v, offsets, n, alpha, options)
+    from torchrec_hstu.ops.triton.hstu_attention import triton_hstu_attention
+
+    return lambda q, k, v, offsets, n, alpha: triton_hstu_attention(q, k, v, offsets, n, alpha, options)
+
+
+def median_ms(fn, reps: int = 10) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", required=True,
+                        choices=["triton_bf16", "triton_fp8", "cutlass_bf16", "cutlass_fp8"])
+    parser.add_argument("--mode", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--log", action="store_true", help="print the autotuner's timings")
+    args = parser.parse_args()
+    if args.log:
+        logging.basicConfig(level=logging.INFO)
+    heads, alpha = 4, 1.0 / args.dim**0.5
+    offsets = torch.tensor([0] + [args.n] * args.batch, device="cuda").cumsum(0)
+    leaves = [torch.empty(args.batch * args.n, heads, args.dim, device="cuda", dtype=torch.bfloat16)
+              .uniform_(-1, 1).requires_grad_() for _ in range(3)]
+    dout = torch.randn(args.batch * args.n, heads, args.dim, device="cuda", dtype=torch.bfloat16)
+    attention = attention_of(args.kind, args.mode)
+
+    def fwd():
+        with torch.no_grad():
+            attention(*leaves, offsets, args.n, alpha)
+
+    def fwd_bwd():
+        torch.autograd.grad(attention(*leaves, offsets, args.n, alpha), leaves, dout)
+
+    for _ in range(3):  # compile and autotune outside the timing
+        fwd_bwd()
+    torch.cuda.synchronize()
+    row = {"kind": args.kind, "mode": args.mode if args.kind.endswith("fp8") else -1,
+           "batch": args.batch, "n": args.n, "dim": args.dim,
+           "fwd_ms": median_ms(fwd), "fwd_bwd_ms": median_ms(fwd_bwd)}
+    row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+    print(json.dumps(row), flush=True)
+    if args.profile:
+        out = attention(*leaves, offsets, args.n, alpha)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        torch.autograd.grad(out, leaves, dout)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
