@@ -6,7 +6,7 @@ each backward config pinned, its key-parallel operands read by pointer tensors o
 descriptors, beside our bf16 backward (``hstu_bwd``, autotuned) in the same process. A config
 that does not fit (shared memory) prints its error.
 
-    python benchmarks/tools/fp8_bwd_configs.py --out fp8_bwd_configs.json [--shapes 8192x128,8192x256] [--modes 2,5]
+    python benchmarks/tools/fp8_bwd_configs.py --out fp8_bwd_configs.json [--shapes 8192x128,8192x256] [--modes 2,5] [--acc fast]
 
 Config syntax: ``warps:stages[:split]`` for the key-parallel launch(es), ``/warps:stages`` for a
 query-parallel dQ kernel (FP8 tiles are fixed by the definition).
@@ -28,6 +28,8 @@ CONFIGS = {
     128: ["8:2:split", "8:1:split", "8:2", "8:1", "8:1:split/8:1"],
     256: ["8:1:split", "8:1:split/8:1", "8:1", "8:1/8:1"],
 }
+#: Layouts with per-row P / dS scales (``fp8_bwd_row_scales``): dQ always by the dQ kernel.
+ROW_SCALE_CONFIGS = ["8:2/4:2", "8:3/4:3", "8:2/8:2", "8:2:split/4:2", "8:1:split/4:1"]
 
 
 def parse_config(text: str):
@@ -45,7 +47,7 @@ def parse_config(text: str):
 def main() -> None:
     import triton
 
-    from torchrec_hstu.ops.triton.fp8_attention import fp8_bwd
+    from torchrec_hstu.ops.triton.fp8_attention import fp8_bwd, fp8_bwd_row_scales
     from torchrec_hstu.ops.triton.hstu_attention import hstu_bwd, mask_args_of
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="8192x128,4096x128,8192x256")
     parser.add_argument("--modes", default="2,5")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--acc", default="fast", help="fp8_accumulation")
     args = parser.parse_args()
     device = torch.device("cuda")
     mask = mask_args_of(AttentionOptions(), False)
@@ -72,13 +75,15 @@ def main() -> None:
         rows.append(dict(N=n, D=dim, kernel="bf16 hstu_bwd (autotuned)", ms=bf16_ms))
         print(rows[-1], flush=True)
         for mode in map(int, args.modes.split(",")):
-            for text in CONFIGS[dim]:
+            configs = ROW_SCALE_CONFIGS if fp8_bwd_row_scales(dim, dim, args.acc) else CONFIGS[dim]
+            for text in configs:
                 for tma in (False, True):
                     cfg = parse_config(text)
                     row = dict(N=n, D=dim, mode=mode, config=text, tma=tma)
                     try:
                         ms = bench(functools.partial(fp8_bwd, dout, q, k, v, offsets, None, n, alpha, n,
-                                                     mask, mode, config=cfg, tma=tma))
+                                                     mask, mode, config=cfg, fp8_accumulation=args.acc,
+                                                     tma=tma))
                         row.update(ms=ms, vs_bf16=bf16_ms / ms)
                     except Exception as err:  # noqa: BLE001 - a config that does not fit is a result
                         row.update(error=f"{type(err).__name__}: {str(err)[:160]}")

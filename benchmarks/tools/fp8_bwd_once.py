@@ -2,7 +2,7 @@
 
     ncu --clock-control none -k regex:_fp8_bwd_kernel -c 1 -s 2 --section SpeedOfLight \\
         --section WarpStateStats --section SchedulerStats \\
-        python benchmarks/tools/fp8_bwd_once.py --mode 2 --cfg 8:2 [--pointers] [--dim 128] [--n 4096]
+        python benchmarks/tools/fp8_bwd_once.py --mode 2 --cfg 8:2/4:2 [--acc fast] [--pointers] [--dim 128] [--n 4096]
 
 ``--cfg`` is ``fp8_bwd_configs.py``'s syntax (``warps:stages[:split][/warps:stages]``);
 ``--pointers`` reads the operands by pointer tensors instead of TMA descriptors.
@@ -25,7 +25,9 @@ from torchrec_hstu.ops.triton.hstu_attention import mask_args_of  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--mode", type=int, default=2)
 parser.add_argument("--acc", default="fast")
-parser.add_argument("--cfg", default="8:2")
+# Row scales ("fast" at D <= 128) need a dQ kernel config ("/w:s"); the tile-scaled
+# accumulations also take dQ by atomics ("8:2").
+parser.add_argument("--cfg", default="8:2/4:2")
 parser.add_argument("--pointers", action="store_true")
 parser.add_argument("--dim", type=int, default=128)
 parser.add_argument("--n", type=int, default=4096)

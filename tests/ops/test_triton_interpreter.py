@@ -136,9 +136,13 @@ _SCRIPT = """
             col = ((s + 15) // 16 + b) * 16
             expect[:, :, col:col + e - s] = x[s:e].permute(1, 2, 0).view(torch.uint8)
         result["transposed_layout/bytes_differing"] = [int((xt != expect).sum())] * 4
-    for mode in ((1, 2) if PART == "fp8" else []):
+    # TMA loads with each accumulation's layout: "fast" (row scales, dQ kernel) and "precise"
+    # (tile scales, dQ by atomics: on the GPU a bulk reduction, here plain atomics).
+    tma_cases = [(mode, accumulation, layout) for mode in ((1, 2) if PART == "fp8" else [])
+                 for accumulation, layout in (("fast", "dq_kernel"), ("precise", "atomic_dq"))]
+    for mode, accumulation, layout in tma_cases:
         fp8_attention.fp8_bwd = functools.partial(fp8_bwd, tma=True)
-        fp8_attention.fp8_bwd_candidates = lambda *_: [fp8_layouts["dq_kernel"]]
+        fp8_attention.fp8_bwd_candidates = lambda *_, layout=layout: [fp8_layouts[layout]]
         for name, (opts, targets) in {"plain_causal": (AttentionOptions(fp8_quant_mode=mode), None),
                                       "id_rule": (AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1,
                                                                    max_attn_len=20), num_targets)}.items():
@@ -146,11 +150,11 @@ _SCRIPT = """
             total = int(offsets[-1])
             q, k, v, dout = (torch.randn(total, 2, 32) * 0.5 for _ in range(4))
             targets = None if targets is None else targets[:offsets.numel() - 1]
-            got = run(triton_fp8_hstu_attention, q, k, v, dout, opts, targets)
+            got = run(triton_fp8_hstu_attention, q, k, v, dout, opts, targets, fp8_accumulation=accumulation)
             fp8_attention.fp8_bwd = fp8_bwd
-            want = run(triton_fp8_hstu_attention, q, k, v, dout, opts, targets)
+            want = run(triton_fp8_hstu_attention, q, k, v, dout, opts, targets, fp8_accumulation=accumulation)
             fp8_attention.fp8_bwd = functools.partial(fp8_bwd, tma=True)
-            result[f"fp8_mode{mode}/tma/{name}"] = errors(got, want)
+            result[f"fp8_mode{mode}/tma/{accumulation}/{name}"] = errors(got, want)
         fp8_attention.fp8_bwd = fp8_bwd
         fp8_attention.fp8_bwd_candidates = fp8_candidates
     torch.empty = real_empty
@@ -159,7 +163,7 @@ _SCRIPT = """
 
 
 # Two processes (bf16 / fp16 kernels, FP8 kernels), so pytest-xdist runs them side by side.
-@pytest.mark.parametrize("part,cases", [("bf16", 5 * 2 * 2 + 5 * 2), ("fp8", 6 * 2 + 2 * 2 + 2 * 2 + 1)])
+@pytest.mark.parametrize("part,cases", [("bf16", 5 * 2 * 2 + 5 * 2), ("fp8", 6 * 2 + 2 * 2 + 2 * 2 * 2 + 1)])
 def test_full_triton_kernels_forward_and_backward(tmp_path, part, cases):
     result = run_in_interpreter(_SCRIPT.replace("__PART__", part), tmp_path)
     assert len(result) == cases

@@ -17,7 +17,9 @@ Forward, per query block and key tile ``n`` of ``fwd_block_n`` keys::
 Backward, per key block of ``bwd_block_n`` (128) keys and query tile of ``bwd_block_m`` (64):
 ``S, P, dP = dO8 v8^T * descales, dS = dP * silu'(S)``, ``P`` and ``dS`` re-quantized per whole
 tile, ``dV += P8^T dO8c``, ``dK += dS8^T q8c``, ``dQ += dS8 k8c`` (fp32 atomics), each scaled by
-the tile scale times the column descale of the tile (mode 1: per-d vector). Launch layouts
+the tile scale times the column descale of the tile (mode 1: per-d vector). Under "fast" at head
+dims <= 128 (:func:`fp8_bwd_row_scales`) P and dS are scaled per row of the tile instead: per
+key for dV and dK, per query for dQ, which then comes from the dQ kernel. Launch layouts
 (the autotuner picks): one key-parallel launch for dV, dK and dQ; two (dV; dK with dQ); or dK
 and dV without atomics and a query-parallel dQ kernel that walks the same tiles from the query
 side. On SM90 the key-parallel launches read the per-tile q, dO and their transposes through TMA
@@ -87,7 +89,10 @@ logger = logging.getLogger(__name__)
 #:   the tile (:func:`fp8_bwd_row_scales`); the quantizers multiply by the reciprocal descale
 #:   (:func:`~torchrec_hstu.ops.triton.fp8_quantize.triton_quantize_for_mode`). Error vs the
 #:   float64 reference within 1.1x the emulation's (the bound of notes decision 5; measured by
-#:   ``benchmarks/fp8_fwd_speed.py``).
+#:   ``benchmarks/fp8_fwd_speed.py``), the emulation with the same backward scale granularity;
+#:   the row-scaled definition's relative-L2 error is below the tile-scaled one's (0.96-0.99x),
+#:   its element-wise max error 0.76-1.16x of it
+#:   (``benchmarks/results/2026-12-03-cpu-fp8-row-scale-errors.json``).
 #: * ``"mixed"``: exact products for the score products (``q k^T``, ``dO v^T``, whose results are
 #:   re-quantized, where a tiny error flips fp8 roundings of P / dS), native fp8 for the value
 #:   products (``P v``, ``P^T dO``, ``dS^T q``, ``dS k``); exact sigmoid and exact quantizers.
@@ -1270,7 +1275,8 @@ def fp8_bwd(
         key = ("fp8_bwd", mode, fp8_accumulation, q.dtype, block_dqk, block_dv, mask.mode,
                _seq_class(max_seq_len))
         config = choose_config(key, fp8_bwd_candidates(dqk, dv_dim, fp8_accumulation), max_seq_len, run)
-    elif row_scales and config.dq is None:
+    # Also a config pinned with set_config.
+    if row_scales and config.dq is None:
         raise ValueError("with row scales (fp8_accumulation='fast', head dims <= 128) dS is scaled "
                          "per key for dK and per query for dQ, so dQ needs the dQ kernel: "
                          f"config.dq must be set; got {config}")
