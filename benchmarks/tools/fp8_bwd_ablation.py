@@ -14,7 +14,6 @@ per tile: ``--cfg 8:3`` and ``8:2`` (dQ by bulk reductions); that tile-scaled pa
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -24,6 +23,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bwd_profile_once import median_ms  # noqa: E402
 from fp8_bwd_configs import parse_config  # noqa: E402
 
 import torchrec_hstu.ops.triton.fp8_attention as fp8_attention  # noqa: E402
@@ -67,13 +67,5 @@ def once():
 
 for _ in range(3):
     once()
-times = []
-for _ in range(10):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    once()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(start.elapsed_time(end))
 print(json.dumps({"variant": args.variant, "cfg": args.cfg, "acc": args.acc, "mode": args.mode, "n": n, "dim": dim,
-                  "fp8_bwd_ms": statistics.median(times)}), flush=True)
+                  "fp8_bwd_ms": median_ms(once)}), flush=True)

@@ -472,8 +472,8 @@ def _fp8_bwd_tile(
     ``RESCALE`` (modes 2..5, whose column descales are one number per query tile): ``dv``
     holds ``dV / rv`` and ``dk`` holds ``dK / rk``, where ``rv``/``rk`` are the last tile's
     factors (tile scale x column descale; ``[BLOCK_N, 1]`` under ``ROW_SCALES``); each tile
-    rescales the accumulator by ``r_prev / r`` and the tensor core accumulates into it, so no second ``[BLOCK_N, D]`` fp32
-    product tile is live (without it the 8-warp launches spill 1-2 KB per thread). The kernel
+    rescales the accumulator by ``r_prev / r`` and the tensor core accumulates into it, so no
+    second ``[BLOCK_N, D]`` fp32 product tile is live (without it the 8-warp launches spill 1-2 KB per thread). The kernel
     multiplies by the final factors. One fp32 rounding per tile more than the definition's
     order.
 
@@ -1275,7 +1275,7 @@ def fp8_bwd(
         key = ("fp8_bwd", mode, fp8_accumulation, q.dtype, block_dqk, block_dv, mask.mode,
                _seq_class(max_seq_len))
         config = choose_config(key, fp8_bwd_candidates(dqk, dv_dim, fp8_accumulation), max_seq_len, run)
-    # Also a config pinned with set_config.
+    # Checked after choose_config: a config pinned with set_config must fit row scales too.
     if row_scales and config.dq is None:
         raise ValueError("with row scales (fp8_accumulation='fast', head dims <= 128) dS is scaled "
                          "per key for dK and per query for dQ, so dQ needs the dQ kernel: "
