@@ -15,6 +15,7 @@ import logging
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -50,6 +51,37 @@ def median_ms(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def kernel_breakdown(fn, row: dict, calls: int = 5) -> dict:
+    """GPU microseconds per call of each kernel ``fn`` launches, their sum, and the host's wall
+    time per call (the larger of the two is what a caller waits for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            kernels[event.key[:90]] = [round(event.device_time_total / calls, 1), event.count // calls]
+    gpu_us = sum(us for us, _ in kernels.values())
+    # Host time alone: issue the calls without waiting for the GPU (the queue holds them).
+    torch.cuda.synchronize()
+    host_start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_us = (time.perf_counter() - host_start) * 1e6 / calls
+    torch.cuda.synchronize()
+    return {"kind": row["kind"], "mode": row["mode"], "n": row["n"], "dim": row["dim"],
+            "profiled_wall_us_per_call": round(start.elapsed_time(end) * 1000 / calls, 1),
+            "gpu_us_per_call": round(gpu_us, 1), "host_us_per_call": round(host_us, 1),
+            "kernels_us_and_launches_per_call": dict(sorted(kernels.items(), key=lambda kv: -kv[1][0]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", required=True,
@@ -60,6 +92,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--log", action="store_true", help="print the autotuner's timings")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also print one JSON line of GPU time per kernel (torch.profiler, per fwd+bwd call)")
     args = parser.parse_args()
     if args.log:
         logging.basicConfig(level=logging.INFO)
@@ -85,6 +119,8 @@ def main() -> None:
            "fwd_ms": median_ms(fwd), "fwd_bwd_ms": median_ms(fwd_bwd)}
     row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
     print(json.dumps(row), flush=True)
+    if args.kernels:
+        print(json.dumps(kernel_breakdown(fwd_bwd, row)), flush=True)
     if args.profile:
         out = attention(*leaves, offsets, args.n, alpha)
         torch.cuda.synchronize()

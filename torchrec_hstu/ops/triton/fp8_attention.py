@@ -1317,7 +1317,9 @@ triton_hstu_fp8_attention_bwd = define_attention_op(
     "torchrec_hstu::triton_hstu_fp8_attention_bwd", ("Tensor dout",) + ATTENTION_TENSORS, _fp8_bwd_impl,
     _fp8_bwd_fake, trailing=("str fp8_accumulation",), returns=GRADIENTS, module=__name__,
 )
-register_attention_autograd(triton_hstu_fp8_attention_fwd, triton_hstu_fp8_attention_bwd)
+#: Differentiable forward: the ops' autograd, without the dispatcher in plain eager calls.
+triton_hstu_fp8_attention_differentiable = register_attention_autograd(triton_hstu_fp8_attention_fwd,
+                                                                       triton_hstu_fp8_attention_bwd)
 
 
 def triton_fp8_hstu_attention(
@@ -1379,6 +1381,6 @@ def triton_fp8_hstu_attention(
         )
     check_fp8_accumulation(fp8_accumulation)
     check_triton_inputs(q, k, v)
-    return triton_hstu_fp8_attention_fwd(
+    return triton_hstu_fp8_attention_differentiable(
         q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options, fp8_accumulation
     )

@@ -18,7 +18,9 @@ gradient) are read again.
 
 The ops (``torchrec_hstu::triton_hstu_attention_fwd`` / ``_bwd``) come from the shared
 factory :func:`~torchrec_hstu.ops.custom_ops.define_attention_op`, with fake implementations
-and autograd, so ``torch.compile`` and ``torch.export`` see one opaque op per direction.
+and autograd, so ``torch.compile`` and ``torch.export`` see one opaque op per direction; plain
+eager calls run the same implementations without the dispatcher
+(:func:`~torchrec_hstu.ops.custom_ops.register_attention_autograd`).
 """
 
 import logging
@@ -758,7 +760,9 @@ triton_hstu_attention_bwd = define_attention_op(
     "torchrec_hstu::triton_hstu_attention_bwd", ("Tensor dout",) + ATTENTION_TENSORS, _bwd_impl, _bwd_fake,
     returns=GRADIENTS, module=__name__,
 )
-register_attention_autograd(triton_hstu_attention_fwd, triton_hstu_attention_bwd)
+#: Differentiable forward: the ops' autograd, without the dispatcher in plain eager calls.
+triton_hstu_attention_differentiable = register_attention_autograd(triton_hstu_attention_fwd,
+                                                                   triton_hstu_attention_bwd)
 
 
 def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -822,4 +826,5 @@ def triton_hstu_attention(
             f"{options.fp8_quant_mode} goes to triton_fp8_hstu_attention"
         )
     check_triton_inputs(q, k, v)
-    return triton_hstu_attention_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha), options)
+    return triton_hstu_attention_differentiable(q, k, v, seq_offsets, num_targets, max_seq_len, float(alpha),
+                                                options)
