@@ -128,3 +128,30 @@ def test_two_implementations_per_op_are_refused():
                              cuda_impl=_fwd)
     with pytest.raises(ValueError, match="one implementation per op"):
         register_attention_autograd(op, toy_bwd)
+
+
+def test_eager_forward_hands_its_residual_to_the_eager_backward():
+    seen = []
+
+    def forward_with_score(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options):
+        score = alpha * (q * k).sum(-1, keepdim=True)
+        return score * v, score
+
+    def backward_with_score(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, score):
+        seen.append(score)
+        return _bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options)
+
+    fwd = define_attention_op("torchrec_hstu_test::residual_fwd", ATTENTION_TENSORS, _fwd, attention_output_fake)
+    bwd = define_attention_op("torchrec_hstu_test::residual_bwd", ("Tensor dout",) + ATTENTION_TENSORS, _bwd,
+                              _bwd_fake, returns="(Tensor, Tensor, Tensor)")
+    attention = register_attention_autograd(fwd, bwd, forward_with_score, backward_with_score)
+    q, k, v, offsets, dout = _inputs(5)
+    out = attention(q, k, v, offsets, None, 5, 0.5, AttentionOptions())
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], 0.5 * (q * k).sum(-1, keepdim=True).detach(), rtol=0, atol=0)
+    _, expected = _run(q, k, v, offsets, dout)
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="go together"):
+        register_attention_autograd(fwd, bwd, forward_with_score)

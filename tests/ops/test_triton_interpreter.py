@@ -13,7 +13,9 @@ segments, masks, both backward launch layouts, the custom ops' autograd) runs on
   accumulation against the emulation with per-row P / dS scales
   (``FP8TileSizes.bwd_row_scales``; dQ by the query-parallel dQ kernel after a split or a
   fused dK / dV launch), "precise" against the tile-scaled one (dQ by atomics and by the dQ
-  kernel).
+  kernel);
+* the eager FP8 backward reusing the forward's quantized operands: bit-identical to the custom
+  op's route, which quantizes again, with fewer quantizer launches.
 
 The GPU runs of the same kernels (bf16/fp16, real fp8 tensor cores, autotuned tiles) are in
 ``test_triton_attention.py`` and ``test_triton_fp8.py`` (``gpu`` marker).
@@ -240,3 +242,105 @@ def test_fp8_quantizers_against_pytorch(tmp_path):
         assert r["same_sign"] and r["max_code_step"] <= 1, (name, r)
         if name.startswith("exact=True"):
             assert r["differ"] == 0, (name, r)
+
+
+_REUSE_SCRIPT = """
+    import json
+
+    import torch
+    from torchrec_hstu.ops import custom_ops
+    from torchrec_hstu.ops.common import AttentionOptions
+    from torchrec_hstu.ops.triton import fp8_quantize
+    from torchrec_hstu.ops.triton.fp8_attention import fp8_bwd_reused_operands, triton_fp8_hstu_attention
+
+    torch.manual_seed(0)
+    lengths = [0, 1, 37, 70, 5]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    q, k, v, dout = (torch.randn(sum(lengths), 2, 32) * 0.5 for _ in range(4))
+    quantize = fp8_quantize.triton_quantize_for_mode
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return quantize(*args, **kwargs)
+
+    fp8_quantize.triton_quantize_for_mode = counted
+    skips = custom_ops.eager_call_skips_dispatcher
+    result = {}
+    for mode in (0, 1, 2, 5):
+        options = AttentionOptions(fp8_quant_mode=mode, contextual_seq_len=1)
+        runs = {}
+        for route, skip in (("eager", skips), ("op", lambda tensors: False)):
+            custom_ops.eager_call_skips_dispatcher = skip
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            calls.clear()
+            out = triton_fp8_hstu_attention(*leaves, offsets, 70, 0.3, options)
+            grads = torch.autograd.grad(out, leaves, dout)
+            runs[route] = ([out] + list(grads), len(calls))
+        custom_ops.eager_call_skips_dispatcher = skips
+        result[f"mode{mode}"] = dict(
+            identical=all(torch.equal(a, b) for a, b in zip(runs["eager"][0], runs["op"][0])),
+            quantize_calls=[runs["eager"][1], runs["op"][1]],
+            reused=list(fp8_bwd_reused_operands(mode, 32, 32)))
+    print(json.dumps(result))
+"""
+
+
+def test_fp8_backward_reuses_the_forward_quantization(tmp_path):
+    """Eager FP8 calls hand the forward's quantized q / k / v to the backward where it would
+    quantize them the same way (modes 0, 3-5 all three; mode 2 k and v at head dims <= 128;
+    mode 1 none): the same outputs and gradients, bit for bit, as the custom op's route (which
+    quantizes again), with that many fewer quantizer launches."""
+    result = run_in_interpreter(_REUSE_SCRIPT, tmp_path)
+    expected_reused = {"mode0": ["q", "k", "v"], "mode1": [], "mode2": ["k", "v"], "mode5": ["q", "k", "v"]}
+    # Op route: 3 forward quantizations + 4 backward (mode 1: + 3 column-wise in the backward).
+    op_calls = {"mode0": 7, "mode1": 10, "mode2": 7, "mode5": 7}
+    for name, r in result.items():
+        assert r["identical"], name
+        assert r["reused"] == expected_reused[name], name
+        assert r["quantize_calls"] == [op_calls[name] - len(r["reused"]), op_calls[name]], (name, r)
+
+
+@pytest.mark.parametrize("head_dim", [32, 128, 256])
+@pytest.mark.parametrize("mode", range(6))
+def test_reused_operands_are_those_quantized_alike(mode, head_dim):
+    """``fp8_bwd_reused_operands`` names exactly the operands whose forward quantization (the
+    PyTorch quantizers with the forward's blocks) equals the backward's (its blocks; mode 1 also
+    needs column scales there, which the forward does not make for q and k)."""
+    import torch
+
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes, quantize_for_mode
+    from torchrec_hstu.ops.triton.fp8_attention import fp8_bwd_reused_operands
+
+    tiles = FP8TileSizes.for_head_dim(head_dim)
+    offsets = torch.tensor([0, 1, 200, 330])
+    x = torch.randn(330, 2, head_dim, generator=torch.Generator().manual_seed(mode)) * 3
+    blocks = {"q": (tiles.fwd_block_m, tiles.bwd_block_m), "k": (tiles.fwd_block_n, tiles.bwd_block_n),
+              "v": (tiles.fwd_block_n, tiles.bwd_block_n)}
+    alike = []
+    for name, (fwd_block, bwd_block) in blocks.items():
+        fwd = quantize_for_mode(x, offsets, mode, fwd_block, colwise=name == "v")
+        bwd = quantize_for_mode(x, offsets, mode, bwd_block)
+        same = torch.equal(fwd.values.view(torch.uint8), bwd.values.view(torch.uint8)) and torch.equal(
+            fwd.token_descale, bwd.token_descale)
+        if same and not (mode == 1 and name in ("q", "k")):
+            alike.append(name)
+    assert list(fp8_bwd_reused_operands(mode, head_dim, head_dim)) == alike
+
+
+def test_backward_refuses_a_forward_quantization_it_would_not_reuse():
+    """Mode 2's q blocks differ between the passes (128 forward, 64 backward): handing the
+    forward's q to the backward is refused before anything runs."""
+    import torch
+
+    from torchrec_hstu.ops.common import AttentionOptions
+    from torchrec_hstu.ops.fp8.quantize import quantize_for_mode
+    from torchrec_hstu.ops.triton.fp8_attention import fp8_bwd
+    from torchrec_hstu.ops.triton.hstu_attention import mask_args_of
+
+    offsets = torch.tensor([0, 40])
+    q, k, v, dout = (torch.randn(40, 2, 32) for _ in range(4))
+    mask = mask_args_of(AttentionOptions(fp8_quant_mode=2), False)
+    with pytest.raises(ValueError, match=r"forward_quantized: mode 2 .* reuses only \('k', 'v'\); got \['q'\]"):
+        fp8_bwd(dout, q, k, v, offsets, None, 40, 0.3, 40, mask, 2,
+                forward_quantized={"q": quantize_for_mode(q, offsets, 2, 128)})

@@ -125,19 +125,44 @@ def eager_call_skips_dispatcher(tensors: Sequence[Optional[torch.Tensor]]) -> bo
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
-def register_attention_autograd(fwd: Callable[..., Any], bwd: Callable[..., Any]) -> Callable[..., Any]:
+def register_attention_autograd(
+    fwd: Callable[..., Any],
+    bwd: Callable[..., Any],
+    eager_forward: Optional[Callable[..., Tuple[torch.Tensor, Any]]] = None,
+    eager_backward: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None,
+) -> Callable[..., Any]:
     """Autograd of a forward op ``(q, k, v, seq_offsets, num_targets, ...)`` by its backward op
     ``(dout, q, k, v, seq_offsets, num_targets, ...) -> (dq, dk, dv)`` (both from
     :func:`define_attention_op`); everything after the tensors gets no gradient.
 
+    Args:
+        fwd: the forward op's caller.
+        bwd: the backward op's caller.
+        eager_forward: optional ``(*fwd_args) -> (out, residual)`` for eager calls: the
+            forward implementation that also returns what its backward can reuse (the op
+            path, which saves only the inputs, recomputes it).
+        eager_backward: with ``eager_forward``: ``(dout, *fwd_args, residual) -> (dq, dk, dv)``,
+            equal to the backward implementation.
+
     Returns:
         ``call(*args)`` with the forward op's arguments: the same autograd through a
-        :class:`torch.autograd.Function` over the two implementations when
+        :class:`torch.autograd.Function` over the implementations when
         :func:`eager_call_skips_dispatcher` allows it, else the forward op.
     """
     if fwd.cuda_impl is not None or bwd.cuda_impl is not None:  # type: ignore[attr-defined]
         raise ValueError("register_attention_autograd: the eager path needs one implementation per op")
+    if (eager_forward is None) != (eager_backward is None):
+        raise ValueError("register_attention_autograd: eager_forward and eager_backward go together")
     fwd_impl, bwd_impl = fwd.impl, bwd.impl  # type: ignore[attr-defined]
+
+    def forward_without_residual(*args: Any) -> Tuple[torch.Tensor, Any]:
+        return fwd_impl(*args), None
+
+    def backward_without_residual(dout: torch.Tensor, *args: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return bwd_impl(dout, *args[:-1])
+
+    forward_with_residual = eager_forward or forward_without_residual
+    backward_with_residual = eager_backward or backward_without_residual
 
     class EagerAttention(torch.autograd.Function):
         """The op's autograd (below) without the dispatcher, for plain eager calls."""
@@ -146,11 +171,12 @@ def register_attention_autograd(fwd: Callable[..., Any], bwd: Callable[..., Any]
         def forward(ctx: Any, *args: Any) -> torch.Tensor:  # type: ignore[override]
             ctx.save_for_backward(*args[:5])
             ctx.rest = args[5:]
-            return fwd_impl(*args)
+            out, ctx.residual = forward_with_residual(*args)
+            return out
 
         @staticmethod
         def backward(ctx: Any, *grads: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-            dq, dk, dv = bwd_impl(grads[0], *ctx.saved_tensors, *ctx.rest)
+            dq, dk, dv = backward_with_residual(grads[0], *ctx.saved_tensors, *ctx.rest, ctx.residual)
             return (dq, dk, dv) + (None,) * (2 + len(ctx.rest))
 
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:

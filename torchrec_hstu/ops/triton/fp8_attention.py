@@ -39,7 +39,7 @@ Symbols: ``B`` batch, ``L`` tokens, ``H`` heads, ``Dqk``/``Dv`` head dims.
 
 import dataclasses
 import logging
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -76,6 +76,9 @@ from torchrec_hstu.ops.triton.hstu_attention import (
     mask_args_of,
     run_backward_layout,
 )
+
+if TYPE_CHECKING:
+    from torchrec_hstu.ops.fp8.quantize import FP8Quantized
 
 logger = logging.getLogger(__name__)
 
@@ -1120,6 +1123,35 @@ def fp8_fwd_kernel(
     return out
 
 
+def fp8_fwd_and_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor],
+    max_seq_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    mask: _MaskArgs,
+    fp8_quant_mode: int,
+    config: Optional[KernelConfig] = None,
+    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
+) -> Tuple[torch.Tensor, Optional[FP8ForwardInputs]]:
+    """Quantize ``q, k, v`` for ``fp8_quant_mode`` (:func:`fp8_fwd_quantize`) and run the FP8
+    forward (:func:`fp8_fwd_kernel`): ``(out [L, H, Dv] in the dtype of q, the quantized
+    inputs)``; the inputs are None for an empty batch. :func:`fp8_bwd` can reuse those whose
+    quantization the backward shares (:func:`fp8_forward_quantized_for_backward`)."""
+    check_fp8_accumulation(fp8_accumulation)
+    total, num_heads, _ = q.shape
+    batch = seq_offsets.numel() - 1
+    if total == 0 or batch == 0:
+        return torch.zeros((total, num_heads, v.shape[2]), dtype=q.dtype, device=q.device), None
+    inputs = fp8_fwd_quantize(q, k, v, seq_offsets, max_seq_len, fp8_quant_mode,
+                              exact=fp8_accumulation != "fast")
+    return fp8_fwd_kernel(inputs, q.dtype, seq_offsets, num_targets, max_seq_len, alpha,
+                          scaling_seqlen, mask, fp8_quant_mode, config, fp8_accumulation), inputs
+
+
 def fp8_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1134,17 +1166,40 @@ def fp8_fwd(
     config: Optional[KernelConfig] = None,
     fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
 ) -> torch.Tensor:
-    """Quantize ``q, k, v`` for ``fp8_quant_mode`` (:func:`fp8_fwd_quantize`) and run the FP8
-    forward (:func:`fp8_fwd_kernel`); ``[L, H, Dv]`` in the dtype of ``q``."""
-    check_fp8_accumulation(fp8_accumulation)
-    total, num_heads, _ = q.shape
-    batch = seq_offsets.numel() - 1
-    if total == 0 or batch == 0:
-        return torch.zeros((total, num_heads, v.shape[2]), dtype=q.dtype, device=q.device)
-    inputs = fp8_fwd_quantize(q, k, v, seq_offsets, max_seq_len, fp8_quant_mode,
-                              exact=fp8_accumulation != "fast")
-    return fp8_fwd_kernel(inputs, q.dtype, seq_offsets, num_targets, max_seq_len, alpha,
-                          scaling_seqlen, mask, fp8_quant_mode, config, fp8_accumulation)
+    """:func:`fp8_fwd_and_inputs` without the quantized inputs: ``[L, H, Dv]`` in the dtype
+    of ``q``."""
+    return fp8_fwd_and_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen,
+                              mask, fp8_quant_mode, config, fp8_accumulation)[0]
+
+
+def fp8_forward_quantized_for_backward(inputs: Optional[FP8ForwardInputs],
+                                       fp8_quant_mode: int) -> Dict[str, "FP8Quantized"]:
+    """The operands of ``inputs`` (:func:`fp8_fwd_and_inputs`) that :func:`fp8_bwd` reuses
+    (:func:`fp8_bwd_reused_operands`), by name; nothing else of the forward stays alive (the
+    transposed v is not needed). Kept until the backward: 1 byte per element of each."""
+    if inputs is None:
+        return {}
+    dqk, dv = inputs.q_q.values.shape[2], inputs.v_q.values.shape[2]
+    named = {"q": inputs.q_q, "k": inputs.k_q, "v": inputs.v_q}
+    return {name: named[name] for name in fp8_bwd_reused_operands(fp8_quant_mode, dqk, dv)}
+
+
+def fp8_bwd_reused_operands(fp8_quant_mode: int, dqk: int, dv: int) -> Tuple[str, ...]:
+    """Which of ``"q", "k", "v"`` the backward quantizes exactly as the forward did, so that
+    :func:`fp8_bwd` may take them from :func:`fp8_fwd_and_inputs` instead of quantizing again:
+    all three where the scale ignores the block size (modes 0, 3, 4, 5); in mode 2 those whose
+    forward and backward blocks are equal (k and v at head dims <= 128: 128 tokens both ways;
+    q's blocks are 128 forward, 64 backward); none in mode 1 (its backward also needs column
+    scales)."""
+    from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
+
+    if fp8_quant_mode == 1:
+        return ()
+    if fp8_quant_mode != 2:
+        return ("q", "k", "v")
+    tiles = FP8TileSizes.for_head_dim(max(dqk, dv))
+    reused = ("q",) if tiles.fwd_block_m == tiles.bwd_block_m else ()
+    return reused + (("k", "v") if tiles.fwd_block_n == tiles.bwd_block_n else ())
 
 
 def fp8_bwd(
@@ -1162,13 +1217,17 @@ def fp8_bwd(
     config: Optional[KernelConfig] = None,
     fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
     tma: Optional[bool] = None,
+    forward_quantized: Optional[Dict[str, "FP8Quantized"]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Re-quantize ``q, k, v, dout`` with the backward tiles (fused Triton quantizers) and run
     the FP8 backward. P and dS are scaled per tile, or per row where
     :func:`fp8_bwd_row_scales` (then ``config.dq`` must be set: dQ by the dQ kernel).
     ``tma``: read the key-parallel launch's per-tile operands through TMA descriptors
     (default: where :func:`fp8_bwd_tma_supported`, never in the interpreter; the interpreter
-    can run the loads, not the dQ bulk reduction). Same numbers either way."""
+    can run the loads, not the dQ bulk reduction). Same numbers either way.
+    ``forward_quantized``: the forward's quantized operands by name (``"q"``, ``"k"``, ``"v"``;
+    same mode and accumulation, from :func:`fp8_forward_quantized_for_backward`), taken as
+    they are instead of quantized again (the same values: fewer launches)."""
     from torchrec_hstu.ops.fp8.quantize import FP8TileSizes
 
     check_fp8_accumulation(fp8_accumulation)
@@ -1188,10 +1247,14 @@ def fp8_bwd(
         row = quantize(x, block)
         return row, (quantize(x, block, colwise=True) if mode == 1 else row)
 
-    q_r, q_c = quant(q, bm)
+    reused = forward_quantized or {}
+    if not set(reused) <= set(fp8_bwd_reused_operands(mode, dqk, dv_dim)):
+        raise ValueError(f"forward_quantized: mode {mode} at head dims {dqk}, {dv_dim} reuses only "
+                         f"{fp8_bwd_reused_operands(mode, dqk, dv_dim)}; got {sorted(reused)}")
+    q_r, q_c = (reused["q"],) * 2 if "q" in reused else quant(q, bm)
     do_r, do_c = quant(dout, bm)
-    k_r, k_c = quant(k, bn)
-    v_r = quantize(v, bn)
+    k_r, k_c = (reused["k"],) * 2 if "k" in reused else quant(k, bn)
+    v_r = reused["v"] if "v" in reused else quantize(v, bn)
     qct, kct, doct = (_transposed_aligned(x.values, seq_offsets, max_seq_len)
                       for x in (q_c, k_c, do_c))
     q8, k8, v8, do8 = q_r.values, k_r.values, v_r.values, do_r.values
@@ -1305,6 +1368,25 @@ def _fp8_bwd_impl(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, o
                    fp8_accumulation=fp8_accumulation)
 
 
+def _fp8_fwd_eager(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
+    """:func:`_fp8_fwd_impl` that also returns the quantized operands the backward reuses
+    (eager calls only: the custom op's autograd saves the bf16 inputs alone)."""
+    mask = mask_args_of(options, num_targets is not None)
+    out, inputs = fp8_fwd_and_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
+                                     options.resolve_scaling_seqlen(max_seq_len), mask,
+                                     options.fp8_quant_mode, fp8_accumulation=fp8_accumulation)
+    return out, fp8_forward_quantized_for_backward(inputs, options.fp8_quant_mode)
+
+
+def _fp8_bwd_eager(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation,
+                   forward_quantized):
+    """:func:`_fp8_bwd_impl` reusing the forward's quantized inputs where they are the same."""
+    mask = mask_args_of(options, num_targets is not None)
+    return fp8_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
+                   options.resolve_scaling_seqlen(max_seq_len), mask, options.fp8_quant_mode,
+                   fp8_accumulation=fp8_accumulation, forward_quantized=forward_quantized)
+
+
 def _fp8_bwd_fake(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -1318,8 +1400,9 @@ triton_hstu_fp8_attention_bwd = define_attention_op(
     _fp8_bwd_fake, trailing=("str fp8_accumulation",), returns=GRADIENTS, module=__name__,
 )
 #: Differentiable forward: the ops' autograd, without the dispatcher in plain eager calls.
-triton_hstu_fp8_attention_differentiable = register_attention_autograd(triton_hstu_fp8_attention_fwd,
-                                                                       triton_hstu_fp8_attention_bwd)
+triton_hstu_fp8_attention_differentiable = register_attention_autograd(
+    triton_hstu_fp8_attention_fwd, triton_hstu_fp8_attention_bwd, _fp8_fwd_eager, _fp8_bwd_eager
+)
 
 
 def triton_fp8_hstu_attention(
