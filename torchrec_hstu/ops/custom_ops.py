@@ -140,7 +140,9 @@ def register_attention_autograd(
         bwd: the backward op's caller.
         eager_forward: optional ``(*fwd_args) -> (out, residual)`` for eager calls: the
             forward implementation that also returns what its backward can reuse (the op
-            path, which saves only the inputs, recomputes it).
+            path, which saves only the inputs, recomputes it). The residual is held on the
+            autograd context until the backward, outside saved-tensor hooks (offloading hooks
+            do not move it).
         eager_backward: with ``eager_forward``: ``(dout, *fwd_args, residual) -> (dq, dk, dv)``,
             equal to the backward implementation.
 
