@@ -39,6 +39,16 @@ def attention_of(kind: str, mode: int):
     return lambda q, k, v, offsets, n, alpha: triton_hstu_attention(q, k, v, offsets, n, alpha, options)
 
 
+def attention_inputs(batch: int, n: int, dim: int, heads: int = 4):
+    """``(seq_offsets, [q, k, v] requiring grad, dout)``: ``batch`` sequences of ``n`` tokens,
+    bf16 on CUDA."""
+    offsets = torch.tensor([0] + [n] * batch, device="cuda").cumsum(0)
+    leaves = [torch.empty(batch * n, heads, dim, device="cuda", dtype=torch.bfloat16)
+              .uniform_(-1, 1).requires_grad_() for _ in range(3)]
+    dout = torch.randn(batch * n, heads, dim, device="cuda", dtype=torch.bfloat16)
+    return offsets, leaves, dout
+
+
 def median_ms(fn, reps: int = 10) -> float:
     times = []
     for _ in range(reps):
@@ -97,11 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.log:
         logging.basicConfig(level=logging.INFO)
-    heads, alpha = 4, 1.0 / args.dim**0.5
-    offsets = torch.tensor([0] + [args.n] * args.batch, device="cuda").cumsum(0)
-    leaves = [torch.empty(args.batch * args.n, heads, args.dim, device="cuda", dtype=torch.bfloat16)
-              .uniform_(-1, 1).requires_grad_() for _ in range(3)]
-    dout = torch.randn(args.batch * args.n, heads, args.dim, device="cuda", dtype=torch.bfloat16)
+    alpha = 1.0 / args.dim**0.5
+    offsets, leaves, dout = attention_inputs(args.batch, args.n, args.dim)
     attention = attention_of(args.kind, args.mode)
 
     def fwd():

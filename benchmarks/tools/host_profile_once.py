@@ -26,7 +26,7 @@ import torchrec_hstu.ops.custom_ops as custom_ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bwd_profile_once import attention_of  # noqa: E402
+from bwd_profile_once import attention_inputs, attention_of  # noqa: E402
 
 
 def main() -> None:
@@ -41,11 +41,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--ab", action="store_true", help="host times of both dispatch routes (JSON)")
     args = parser.parse_args()
-    heads, alpha = 4, 1.0 / args.dim**0.5
-    offsets = torch.tensor([0] + [args.n] * args.batch, device="cuda").cumsum(0)
-    leaves = [torch.empty(args.batch * args.n, heads, args.dim, device="cuda", dtype=torch.bfloat16)
-              .uniform_(-1, 1).requires_grad_() for _ in range(3)]
-    dout = torch.randn_like(leaves[0])
+    alpha = 1.0 / args.dim**0.5
+    offsets, leaves, dout = attention_inputs(args.batch, args.n, args.dim)
     attention = attention_of(args.kind, args.mode)
 
     def fwd_bwd():

@@ -1352,25 +1352,9 @@ def fp8_bwd(
 # --------------------------------------------------------------------------------------
 
 
-def _fp8_fwd_impl(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
-    """FP8 forward (quantization included): ``out [L, H, Dv]`` in the dtype of ``q``."""
-    mask = mask_args_of(options, num_targets is not None)
-    return fp8_fwd(q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
-                   options.resolve_scaling_seqlen(max_seq_len), mask, options.fp8_quant_mode,
-                   fp8_accumulation=fp8_accumulation)
-
-
-def _fp8_bwd_impl(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
-    """FP8 backward: ``(dq, dk, dv)`` in the dtype of ``q``."""
-    mask = mask_args_of(options, num_targets is not None)
-    return fp8_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
-                   options.resolve_scaling_seqlen(max_seq_len), mask, options.fp8_quant_mode,
-                   fp8_accumulation=fp8_accumulation)
-
-
 def _fp8_fwd_eager(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
-    """:func:`_fp8_fwd_impl` that also returns the quantized operands the backward reuses
-    (eager calls only: the custom op's autograd saves the bf16 inputs alone)."""
+    """FP8 forward (quantization included): ``(out [L, H, Dv] in the dtype of q, the quantized
+    operands the backward reuses)`` (:func:`fp8_forward_quantized_for_backward`)."""
     mask = mask_args_of(options, num_targets is not None)
     out, inputs = fp8_fwd_and_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
                                      options.resolve_scaling_seqlen(max_seq_len), mask,
@@ -1380,11 +1364,24 @@ def _fp8_fwd_eager(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, option
 
 def _fp8_bwd_eager(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation,
                    forward_quantized):
-    """:func:`_fp8_bwd_impl` reusing the forward's quantized inputs where they are the same."""
+    """FP8 backward: ``(dq, dk, dv)`` in the dtype of ``q``, reusing ``forward_quantized`` (the
+    forward's quantized operands by name; None: quantize every operand again)."""
     mask = mask_args_of(options, num_targets is not None)
     return fp8_bwd(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha,
                    options.resolve_scaling_seqlen(max_seq_len), mask, options.fp8_quant_mode,
                    fp8_accumulation=fp8_accumulation, forward_quantized=forward_quantized)
+
+
+def _fp8_fwd_impl(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
+    """The forward op: :func:`_fp8_fwd_eager`'s output alone (the op's autograd saves only the
+    high-precision inputs)."""
+    return _fp8_fwd_eager(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation)[0]
+
+
+def _fp8_bwd_impl(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
+    """The backward op: :func:`_fp8_bwd_eager` quantizing every operand again."""
+    return _fp8_bwd_eager(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options,
+                          fp8_accumulation, None)
 
 
 def _fp8_bwd_fake(dout, q, k, v, seq_offsets, num_targets, max_seq_len, alpha, options, fp8_accumulation):
