@@ -111,3 +111,28 @@ def test_cutlass_without_a_wheel_is_a_runtime_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "fbgemm_gpu.experimental.hstu", None)
     with pytest.raises(RuntimeError, match="needs a CUTLASS HSTU wheel"):
         select_backend("CUTLASS", request())
+
+
+def test_cutlass_wheel_that_does_not_load_is_unavailable_and_named(monkeypatch, tmp_path):
+    """An installed wheel whose library fails to load (a CUDA 12 build without libcudart.so.12
+    on the loader's path raises OSError from dlopen) is not available: AUTO passes it by,
+    kernel=CUTLASS refuses with the load error, no traceback from inside the import."""
+    import sys
+
+    from torchrec_hstu.ops import cutlass
+
+    package = tmp_path / "hstu"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "raise OSError('libcudart.so.12: cannot open shared object file: No such file or directory')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hstu", raising=False)
+    monkeypatch.setitem(sys.modules, "fbgemm_gpu.experimental.hstu", None)
+    monkeypatch.setattr(cutlass, "_MISSING", set())
+    monkeypatch.setattr(cutlass, "_LOAD_ERRORS", {})
+    assert not cutlass.cutlass_available()
+    assert cutlass.cutlass_wheel_load_errors() == {
+        "hstu": "OSError: libcudart.so.12: cannot open shared object file: No such file or directory"}
+    with pytest.raises(RuntimeError, match=r"hstu is installed but does not load \(OSError: libcudart.so.12"):
+        select_backend("CUTLASS", request())
+    assert select_backend("AUTO", request(device_type="cpu")).name == "PYTORCH"

@@ -512,10 +512,14 @@ def select_backend(kernel, request: AttentionRequest) -> Backend:
     backend = installed_backend(kernel)
     if backend is None:
         if kernel == HSTUKernel.CUTLASS:
+            from torchrec_hstu.ops.cutlass import cutlass_wheel_load_errors
+
+            broken = "".join(f"; {name} is installed but does not load ({error})"
+                             for name, error in cutlass_wheel_load_errors().items())
             raise RuntimeError(
                 "kernel=CUTLASS needs a CUTLASS HSTU wheel: `hstu` (NVIDIA / TorchEasyRec "
                 "fbgemm_gpu_hstu) or `fbgemm_gpu.experimental.hstu` (fbgemm-gpu-hstu-nightly), and "
-                "neither imports; use kernel=TRITON or PYTORCH"
+                f"neither imports{broken}; use kernel=TRITON or PYTORCH"
             )
         raise RuntimeError(f"kernel={kernel.value} is not available here (Triton does not import)")
     lacking = missing_capability(backend.capabilities, request)

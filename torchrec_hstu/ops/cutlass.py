@@ -82,6 +82,8 @@ WHEEL_MODULES = ("hstu", "fbgemm_gpu.experimental.hstu")
 #: Wheel modules whose import failed: not retried on every attention call (a failed import
 #: searches the path each time); a module placed on ``sys.modules`` later is still found.
 _MISSING: Set[str] = set()
+#: Of those, the ones installed but not loadable, with the error (``cutlass_wheel_load_errors``).
+_LOAD_ERRORS: Dict[str, str] = {}
 
 
 def _import(name: str) -> Optional[Any]:
@@ -92,9 +94,23 @@ def _import(name: str) -> Optional[Any]:
         return None
     try:
         return importlib.import_module(name)
-    except ImportError:
+    except (ImportError, OSError) as err:
         _MISSING.add(name)
+        absent = isinstance(err, ModuleNotFoundError) and err.name is not None and name.startswith(err.name)
+        if not absent:
+            # Installed but its library does not load (e.g. a CUDA 12 build without
+            # libcudart.so.12 on the loader's path: OSError from dlopen): the wheel is not
+            # available, and kernel=CUTLASS says why instead of a traceback from the import.
+            _LOAD_ERRORS[name] = f"{type(err).__name__}: {err}"
+            logger.warning("CUTLASS HSTU wheel %s is installed but does not load (%s)", name,
+                           _LOAD_ERRORS[name])
         return None
+
+
+def cutlass_wheel_load_errors() -> Dict[str, str]:
+    """The CUTLASS wheel modules that are installed but failed to import, with their errors
+    (absent wheels are not listed)."""
+    return dict(_LOAD_ERRORS)
 
 
 def find_cutlass_wheel() -> Optional[CutlassWheel]:

@@ -20,6 +20,7 @@ FP8 follows the emulation's "delta-q" rule: ``delta_q`` is quantized with ``delt
 No autograd: the delta path serves inference (PYTORCH has the differentiable reference).
 """
 
+import functools
 import logging
 from typing import List, Optional
 
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from torchrec_hstu.ops.common import AttentionOptions
-from torchrec_hstu.ops.triton._common import interpret_mode, seq_num_targets, seq_span
+from torchrec_hstu.ops.triton._common import ceil_div, interpret_mode, seq_num_targets, seq_span
 from torchrec_hstu.ops.triton.fp8_attention import (
     _batch_quantizer,
     _fp8_block_dim,
@@ -181,7 +182,7 @@ def delta_fwd(
     block_m = _delta_block_m(max_delta_len, 16)
 
     def run(cfg: KernelConfig) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_delta_len, cfg.block_m))
+        grid = (batch * num_heads, ceil_div(max_delta_len, cfg.block_m))
         _delta_fwd_kernel[grid](
             delta_q, k, v, out, seq_offsets, delta_offsets,
             num_targets if num_targets is not None else seq_offsets,
@@ -199,7 +200,8 @@ def delta_fwd(
 
     if config is None:
         key = ("delta_fwd", delta_q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len), block_m)
-        config = choose_config(key, delta_fwd_candidates(block_m, delta_q.dtype), max_seq_len, run)
+        config = choose_config(key, functools.partial(delta_fwd_candidates, block_m, delta_q.dtype),
+                               max_seq_len, run)
     run(config)
     return out
 
@@ -244,7 +246,7 @@ def fp8_delta_fwd(
     # 64 rows per program on the GPU, as the full FP8 forward (fp8 dots of 64 x BLOCK_N map to
     # one Hopper warpgroup MMA); the interpreter takes the smallest block holding the delta.
     block_m = min(_delta_block_m(max_delta_len, tiles.fwd_p_rows), 32) if interpret_mode() else 64
-    grid = (batch * num_heads, triton.cdiv(max_delta_len, block_m))
+    grid = (batch * num_heads, ceil_div(max_delta_len, block_m))
     _fp8_delta_fwd_kernel[grid](
         q8, q_q.token_descale, k8, k_q.token_descale, vt, v_q.token_descale, out, seq_offsets,
         delta_offsets, num_targets if num_targets is not None else seq_offsets,

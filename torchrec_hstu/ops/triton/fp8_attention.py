@@ -38,6 +38,7 @@ Symbols: ``B`` batch, ``L`` tokens, ``H`` heads, ``Dqk``/``Dv`` head dims.
 """
 
 import dataclasses
+import functools
 import logging
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
@@ -55,8 +56,10 @@ from torchrec_hstu.ops.custom_ops import (
 )
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
+    ceil_div,
     fwd_tile_ranges,
     interpret_mode,
+    next_power_of_2,
     seq_num_targets,
     seq_span,
     tanh_approx,
@@ -989,14 +992,14 @@ def _transposed_aligned(values: torch.Tensor, seq_offsets: torch.Tensor,
     nothing is read back to the host."""
     total, num_heads, dim = values.shape
     batch = seq_offsets.numel() - 1
-    cols = 16 * (triton.cdiv(total, 16) + batch)
+    cols = 16 * (ceil_div(total, 16) + batch)
     out = torch.empty((num_heads, dim, cols), dtype=values.dtype, device=values.device)
     block_t = 64
     # A sequence's columns with the zeros after it: at most its length + 47.
-    grid = (batch * num_heads, triton.cdiv(max_seq_len + 47, block_t))
+    grid = (batch * num_heads, ceil_div(max_seq_len + 47, block_t))
     _transpose_kernel[grid](values, out, seq_offsets, values.stride(0), values.stride(1),
                             out.stride(0), out.stride(1), num_heads, dim, BLOCK_T=block_t,
-                            BLOCK_D=triton.next_power_of_2(dim), num_warps=4)
+                            BLOCK_D=next_power_of_2(dim), num_warps=4)
     return out
 
 
@@ -1085,7 +1088,7 @@ def fp8_fwd_kernel(
     mode = fp8_quant_mode
 
     def run(cfg: KernelConfig) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_m))
+        grid = (batch * num_heads, ceil_div(max_seq_len, cfg.block_m))
         flags = dict(
             FAST_SILU=fp8_accumulation == "fast",
             SCALAR_QD=mode >= 3 or (mode == 2 and tiles.fwd_block_m % cfg.block_m == 0),
@@ -1118,7 +1121,8 @@ def fp8_fwd_kernel(
     if config is None:
         key = ("fp8_fwd", mode, fp8_accumulation, out_dtype, block_dqk, block_dv,
                mask.mode, _seq_class(max_seq_len))
-        config = choose_config(key, fp8_fwd_candidates(dqk, dv, fp8_accumulation), max_seq_len, run)
+        config = choose_config(key, functools.partial(fp8_fwd_candidates, dqk, dv, fp8_accumulation),
+                               max_seq_len, run)
     run(config)
     return out
 
@@ -1287,7 +1291,7 @@ def fp8_bwd(
 
     def launch(cfg: KernelConfig, compute_dv: bool, compute_dkdq: bool, atomic_dq: bool,
                dq_acc: torch.Tensor) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_seq_len, bn))
+        grid = (batch * num_heads, ceil_div(max_seq_len, bn))
         reduce_dq = tma_reduce and atomic_dq
         _fp8_bwd_kernel[grid](
             tensors["Q"], q_r.token_descale, k8, k_r.token_descale, v8, v_r.token_descale,
@@ -1313,7 +1317,7 @@ def fp8_bwd(
         )
 
     def launch_dq(cfg: KernelConfig) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_seq_len, bm))
+        grid = (batch * num_heads, ceil_div(max_seq_len, bm))
         _fp8_bwd_dq_kernel[grid](
             q8, q_r.token_descale, k8, k_r.token_descale, v8, v_r.token_descale, do8,
             do_r.token_descale, kct, k_c.token_descale, dq, seq_offsets,
@@ -1337,7 +1341,8 @@ def fp8_bwd(
     if config is None:
         key = ("fp8_bwd", mode, fp8_accumulation, q.dtype, block_dqk, block_dv, mask.mode,
                _seq_class(max_seq_len))
-        config = choose_config(key, fp8_bwd_candidates(dqk, dv_dim, fp8_accumulation), max_seq_len, run)
+        config = choose_config(key, functools.partial(fp8_bwd_candidates, dqk, dv_dim, fp8_accumulation),
+                               max_seq_len, run)
     # Checked after choose_config: a config pinned with set_config must fit row scales too.
     if row_scales and config.dq is None:
         raise ValueError("with row scales (fp8_accumulation='fast', head dims <= 128) dS is scaled "

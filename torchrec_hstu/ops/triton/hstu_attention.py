@@ -23,10 +23,11 @@ eager calls run the same implementations without the dispatcher
 (:func:`~torchrec_hstu.ops.custom_ops.register_attention_autograd`).
 """
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import triton
@@ -41,9 +42,11 @@ from torchrec_hstu.ops.custom_ops import (
 )
 from torchrec_hstu.ops.triton._common import (
     bwd_tile_ranges,
+    ceil_div,
     fwd_tile_ranges,
     interpret_mode,
     mask_mode,
+    next_power_of_2,
     seq_num_targets,
     seq_span,
     silu_and_sigmoid,
@@ -392,7 +395,7 @@ _config_cache: Dict[Tuple, KernelConfig] = {}
 
 
 def _block_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def fwd_candidates(block_dqk: int, block_dv: int, dtype: torch.dtype) -> List[KernelConfig]:
@@ -440,7 +443,7 @@ def bwd_candidates(block_dqk: int, block_dv: int, dtype: torch.dtype) -> List[Ke
 
 
 def _seq_class(max_seq_len: int) -> int:
-    return max(AUTOTUNE_MIN_SEQ_LEN, triton.next_power_of_2(max(1, max_seq_len)))
+    return max(AUTOTUNE_MIN_SEQ_LEN, next_power_of_2(max(1, max_seq_len)))
 
 
 def _capturing() -> bool:
@@ -483,14 +486,19 @@ def _first_that_fits(key: Tuple, candidates: List[KernelConfig], run) -> KernelC
     return candidates[-1]
 
 
-def choose_config(key: Tuple, candidates: List[KernelConfig], max_seq_len: int,
-                  run) -> KernelConfig:
+def choose_config(key: Tuple,
+                  candidates: Union[List[KernelConfig], Callable[[], List[KernelConfig]]],
+                  max_seq_len: int, run) -> KernelConfig:
     """Pick a config for shape class ``key``: cached, else autotuned (long sequences) or the
     first candidate that fits (:func:`_first_that_fits`). ``run(config)`` launches the kernel
-    once with ``config`` (it may be called more than once: autotuning and the fit check do)."""
+    once with ``config`` (it may be called more than once: autotuning and the fit check do).
+    ``candidates`` may be a function that lists them: called only on a cache miss (the
+    launchers pass one, so a cached call builds no list)."""
     cached = _config_cache.get(key)
     if cached is not None:
         return cached
+    if callable(candidates):
+        candidates = candidates()
     if len(candidates) == 1:
         return candidates[0]
     if not _autotune_enabled(max_seq_len):
@@ -538,8 +546,10 @@ class _MaskArgs:
     k2: int
 
 
+@functools.lru_cache(maxsize=1024)
 def mask_args_of(options: AttentionOptions, has_targets: bool) -> _MaskArgs:
-    """The kernels' mask arguments of ``options``."""
+    """The kernels' mask arguments of ``options`` (cached: a model has a few option sets, and
+    this runs on every eager forward and backward)."""
     mode = mask_mode(options.causal, options.use_sla, has_targets, options.contextual_seq_len,
                      options.max_attn_len)
     return _MaskArgs(
@@ -633,7 +643,7 @@ def hstu_fwd(
     scale = 1.0 / scaling_seqlen
 
     def run(cfg: KernelConfig) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_m))
+        grid = (batch * num_heads, ceil_div(max_seq_len, cfg.block_m))
         _hstu_fwd_kernel[grid](
             q, k, v, out, seq_offsets, num_targets if num_targets is not None else seq_offsets,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -650,7 +660,8 @@ def hstu_fwd(
 
     if config is None:
         key = ("fwd", q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))
-        config = choose_config(key, fwd_candidates(block_dqk, block_dv, q.dtype), max_seq_len, run)
+        config = choose_config(key, functools.partial(fwd_candidates, block_dqk, block_dv, q.dtype),
+                               max_seq_len, run)
     run(config)
     return out
 
@@ -682,7 +693,7 @@ def hstu_bwd(
 
     def launch(cfg: KernelConfig, compute_dv: bool, compute_dk: bool, atomic_dq: bool,
                dq_acc: torch.Tensor) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_n))
+        grid = (batch * num_heads, ceil_div(max_seq_len, cfg.block_n))
         _hstu_bwd_kernel[grid](
             q, k, v, dout, dq_acc, dk, dv, seq_offsets,
             num_targets if num_targets is not None else seq_offsets,
@@ -701,7 +712,7 @@ def hstu_bwd(
         )
 
     def launch_dq(cfg: KernelConfig) -> None:
-        grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg.block_m))
+        grid = (batch * num_heads, ceil_div(max_seq_len, cfg.block_m))
         _hstu_bwd_dq_kernel[grid](
             q, k, v, dout, dq, seq_offsets,
             num_targets if num_targets is not None else seq_offsets,
@@ -722,7 +733,8 @@ def hstu_bwd(
 
     if config is None:
         key = ("bwd", q.dtype, block_dqk, block_dv, mask.mode, _seq_class(max_seq_len))
-        config = choose_config(key, bwd_candidates(block_dqk, block_dv, q.dtype), max_seq_len, run)
+        config = choose_config(key, functools.partial(bwd_candidates, block_dqk, block_dv, q.dtype),
+                               max_seq_len, run)
     run(config)
     return dq, dk, dv
 
