@@ -109,8 +109,12 @@ RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
         # each model, same rule, two seeds) took 4 layers for SASRec (36 epochs), not for HSTU.
         # The eighth search re-ran the last contested choice of each model with seed 2 and read
         # the rule on three-seed curves: both choices stand (HSTU label smoothing, SASRec 4
-        # layers); the epoch counts re-read there are HSTU 39 (unchanged), SASRec 45.
-        "hstu": dict(_ML100K_COMMON, attention_dim=50, hidden_dim=50, num_gap_buckets=32, attn_alpha=1.0, epochs=39),
+        # layers); the epoch counts re-read there are HSTU 39 (unchanged), SASRec 45. The ninth
+        # search (softmax temperature 0.03 / 0.1 / 0.2 / 0.4 for each model on seed 0, the best
+        # on seeds 1 and 2, the same rule on three seeds) took 0.2 and 45 epochs for HSTU;
+        # SASRec's best, 0.1, tied its 0.05 and was not taken.
+        "hstu": dict(_ML100K_COMMON, attention_dim=50, hidden_dim=50, num_gap_buckets=32, attn_alpha=1.0,
+                     temperature=0.2, epochs=45),
         "sasrec": dict(_ML100K_COMMON, embedding_dim=64, lr=4e-3, num_layers=4, epochs=45),
     },
 }
