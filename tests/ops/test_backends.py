@@ -136,3 +136,24 @@ def test_cutlass_wheel_that_does_not_load_is_unavailable_and_named(monkeypatch, 
     with pytest.raises(RuntimeError, match=r"hstu is installed but does not load \(OSError: libcudart.so.12"):
         select_backend("CUTLASS", request())
     assert select_backend("AUTO", request(device_type="cpu")).name == "PYTORCH"
+
+
+def test_cutlass_wheel_missing_a_dependency_is_a_load_error(monkeypatch, tmp_path):
+    """A wheel module that imports but lacks one of its own dependencies is installed and broken
+    (named in the refusal); one whose package is absent is simply not there."""
+    import sys
+
+    from torchrec_hstu.ops import cutlass
+
+    package = tmp_path / "hstu"
+    package.mkdir()
+    # "hst": absent, and a prefix of the wheel's own name (not a package above it).
+    (package / "__init__.py").write_text("import hst\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hstu", raising=False)
+    monkeypatch.setitem(sys.modules, "fbgemm_gpu.experimental.hstu", None)
+    monkeypatch.setattr(cutlass, "_MISSING", set())
+    monkeypatch.setattr(cutlass, "_LOAD_ERRORS", {})
+    assert not cutlass.cutlass_available()
+    errors = cutlass.cutlass_wheel_load_errors()
+    assert list(errors) == ["hstu"] and "No module named 'hst'" in errors["hstu"]

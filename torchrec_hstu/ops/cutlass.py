@@ -96,7 +96,9 @@ def _import(name: str) -> Optional[Any]:
         return importlib.import_module(name)
     except (ImportError, OSError) as err:
         _MISSING.add(name)
-        absent = isinstance(err, ModuleNotFoundError) and err.name is not None and name.startswith(err.name)
+        missing = err.name if isinstance(err, ModuleNotFoundError) else None
+        # Absent: the wheel module itself or a package above it (not a dependency it imports).
+        absent = missing is not None and (name == missing or name.startswith(missing + "."))
         if not absent:
             # Installed but its library does not load (e.g. a CUDA 12 build without
             # libcudart.so.12 on the loader's path: OSError from dlopen): the wheel is not
