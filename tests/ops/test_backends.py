@@ -113,23 +113,32 @@ def test_cutlass_without_a_wheel_is_a_runtime_error(monkeypatch):
         select_backend("CUTLASS", request())
 
 
-def test_cutlass_wheel_that_does_not_load_is_unavailable_and_named(monkeypatch, tmp_path):
-    """An installed wheel whose library fails to load (a CUDA 12 build without libcudart.so.12
-    on the loader's path raises OSError from dlopen) is not available: AUTO passes it by,
-    kernel=CUTLASS refuses with the load error, no traceback from inside the import."""
+def _hstu_wheel_that_runs(init_source: str, monkeypatch, tmp_path):
+    """An ``hstu`` package whose ``__init__`` runs ``init_source`` placed on the path (FBGEMM's
+    wheel absent), with the CUTLASS lookup's memory of earlier imports cleared; returns
+    :mod:`torchrec_hstu.ops.cutlass`."""
     import sys
 
     from torchrec_hstu.ops import cutlass
 
     package = tmp_path / "hstu"
     package.mkdir()
-    (package / "__init__.py").write_text(
-        "raise OSError('libcudart.so.12: cannot open shared object file: No such file or directory')\n")
+    (package / "__init__.py").write_text(init_source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "hstu", raising=False)
     monkeypatch.setitem(sys.modules, "fbgemm_gpu.experimental.hstu", None)
     monkeypatch.setattr(cutlass, "_MISSING", set())
     monkeypatch.setattr(cutlass, "_LOAD_ERRORS", {})
+    return cutlass
+
+
+def test_cutlass_wheel_that_does_not_load_is_unavailable_and_named(monkeypatch, tmp_path):
+    """An installed wheel whose library fails to load (a CUDA 12 build without libcudart.so.12
+    on the loader's path raises OSError from dlopen) is not available: AUTO passes it by,
+    kernel=CUTLASS refuses with the load error, no traceback from inside the import."""
+    cutlass = _hstu_wheel_that_runs(
+        "raise OSError('libcudart.so.12: cannot open shared object file: No such file or directory')\n",
+        monkeypatch, tmp_path)
     assert not cutlass.cutlass_available()
     assert cutlass.cutlass_wheel_load_errors() == {
         "hstu": "OSError: libcudart.so.12: cannot open shared object file: No such file or directory"}
@@ -141,19 +150,8 @@ def test_cutlass_wheel_that_does_not_load_is_unavailable_and_named(monkeypatch, 
 def test_cutlass_wheel_missing_a_dependency_is_a_load_error(monkeypatch, tmp_path):
     """A wheel module that imports but lacks one of its own dependencies is installed and broken
     (named in the refusal); one whose package is absent is simply not there."""
-    import sys
-
-    from torchrec_hstu.ops import cutlass
-
-    package = tmp_path / "hstu"
-    package.mkdir()
     # "hst": absent, and a prefix of the wheel's own name (not a package above it).
-    (package / "__init__.py").write_text("import hst\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "hstu", raising=False)
-    monkeypatch.setitem(sys.modules, "fbgemm_gpu.experimental.hstu", None)
-    monkeypatch.setattr(cutlass, "_MISSING", set())
-    monkeypatch.setattr(cutlass, "_LOAD_ERRORS", {})
+    cutlass = _hstu_wheel_that_runs("import hst\n", monkeypatch, tmp_path)
     assert not cutlass.cutlass_available()
     errors = cutlass.cutlass_wheel_load_errors()
     assert list(errors) == ["hstu"] and "No module named 'hst'" in errors["hstu"]

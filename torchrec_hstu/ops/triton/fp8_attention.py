@@ -1156,26 +1156,6 @@ def fp8_fwd_and_inputs(
                           scaling_seqlen, mask, fp8_quant_mode, config, fp8_accumulation), inputs
 
 
-def fp8_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor],
-    max_seq_len: int,
-    alpha: float,
-    scaling_seqlen: int,
-    mask: _MaskArgs,
-    fp8_quant_mode: int,
-    config: Optional[KernelConfig] = None,
-    fp8_accumulation: str = DEFAULT_FP8_ACCUMULATION,
-) -> torch.Tensor:
-    """:func:`fp8_fwd_and_inputs` without the quantized inputs: ``[L, H, Dv]`` in the dtype
-    of ``q``."""
-    return fp8_fwd_and_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, alpha, scaling_seqlen,
-                              mask, fp8_quant_mode, config, fp8_accumulation)[0]
-
-
 def fp8_forward_quantized_for_backward(inputs: Optional[FP8ForwardInputs],
                                        fp8_quant_mode: int) -> Dict[str, "FP8Quantized"]:
     """The operands of ``inputs`` (:func:`fp8_fwd_and_inputs`) that :func:`fp8_bwd` reuses
