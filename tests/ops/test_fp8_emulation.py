@@ -22,7 +22,8 @@ from torchrec_hstu.ops.pytorch.hstu_attention import pytorch_hstu_attention
 
 E4M3 = torch.float8_e4m3fn
 SMALL_TILES = FP8TileSizes(
-    fwd_block_m=16, fwd_block_n=8, fwd_p_rows=4, bwd_block_m=8, bwd_block_n=16, colwise_chunk=16
+    fwd_block_m=16, fwd_block_n=8, fwd_p_rows=4, bwd_block_m=8, bwd_block_n=16, colwise_chunk=16,
+    bwd_dq_block_n=8,
 )
 
 
@@ -166,18 +167,23 @@ def oracle(q, k, v, dout, lengths, max_seq_len, alpha, options, num_targets, til
                     dp = (Or[rows] @ Vr[cols].T).float() * (Ord[rows, None] * Vrd[None, cols]) * 1.0
                     ds = torch.where(mask[rows, cols], dp * dsilu, 0.0)
                     if tiles.bwd_row_scales:
-                        # One scale per key (column) for dV and dK, per query (row) for dQ.
+                        # One scale per key (column) for dV and dK; for dQ one per query (row)
+                        # over each span of bwd_dq_block_n keys, a product of its own.
                         p8, sp = vector_quant(p, mode, 0)
                         ds8, sds = vector_quant(ds, mode, 0)
-                        dsq8, sdsq = vector_quant(ds, mode, 1)
                         sp, sds = sp.reshape(-1, 1), sds.reshape(-1, 1)
+                        spans = [slice(j, j + tiles.bwd_dq_block_n)
+                                 for j in range(0, cols.stop - n0, tiles.bwd_dq_block_n)]
+                        for span in spans:
+                            dsq8, sdsq = vector_quant(ds[:, span], mode, 1)
+                            keys = slice(n0 + span.start, min(n, n0 + span.stop))
+                            gq[rows] += (dsq8 @ Kc[keys]).float() * (sdsq * Kcd[keys.start])
                     else:
                         p8, sp = tile_quant(p, mode)
                         ds8, sds = tile_quant(ds, mode)
-                        dsq8, sdsq = ds8, sds
+                        gq[rows] += (ds8 @ Kc[cols]).float() * (sds * Kcd[n0])
                     gv[cols] += (p8.T @ Oc[rows]).float() * (sp * Ocd[m0])
                     gk[cols] += (ds8.T @ Qc[rows]).float() * (sds * Qcd[m0])
-                    gq[rows] += (dsq8 @ Kc[cols]).float() * (sdsq * Kcd[n0])
             dv[seq, h] = gv / scaling
             dk[seq, h] = gk * (alpha / scaling)
             dq[seq, h] = gq * (alpha / scaling)
@@ -252,6 +258,35 @@ def test_row_scales_change_only_gradients_and_not_for_the_worse(mode):
         err_tile = float((t.double() - f).norm() / f.norm())
         err_row = float((r.double() - f).norm() / f.norm())
         assert err_row <= 1.1 * err_tile, f"{name}: row scales {err_row:.3e} vs tile {err_tile:.3e}"
+
+
+@pytest.mark.parametrize("mode", [1, 2, 5])
+def test_dq_span_changes_only_dq_and_not_for_the_worse(mode):
+    """Under row scales dS is scaled per query over ``bwd_dq_block_n`` keys for dQ (64, the
+    Triton dQ kernel's key tile, vs the key tile's 128): only dQ changes, its error vs the
+    float64 reference at most 1.1x the 128-key span's."""
+    lengths = [300, 1, 0, 129, 64]
+    q, k, v, dout, offsets = make_inputs(lengths, 2, 32, seed=40 + mode)
+    options = AttentionOptions(fp8_quant_mode=mode)
+    span64 = FP8TileSizes.for_head_dim(32, bwd_row_scales=True)
+    assert span64.bwd_dq_block_n == 64
+    got = emulate(q, k, v, dout, offsets, 300, 0.2, options, None, span64)
+    wide = emulate(q, k, v, dout, offsets, 300, 0.2, options, None,
+                   dataclasses.replace(span64, bwd_dq_block_n=128))
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out = pytorch_hstu_attention(*leaves, offsets, 300, 0.2, AttentionOptions())
+    ref_dq = torch.autograd.grad(out, leaves, dout.double())[0]
+    for name, g, w in zip(("out", "dk", "dv"), got[:1] + got[2:], wide[:1] + wide[2:]):
+        assert torch.equal(g, w), name
+    assert not torch.equal(got[1], wide[1])
+    err = float((got[1].double() - ref_dq).norm() / ref_dq.norm())
+    err_wide = float((wide[1].double() - ref_dq).norm() / ref_dq.norm())
+    assert err <= 1.1 * err_wide, f"dq: 64-key spans {err:.3e} vs 128 {err_wide:.3e}"
+
+
+def test_tile_sizes_refuse_a_dq_span_that_does_not_divide_the_key_tile():
+    with pytest.raises(ValueError, match="bwd_dq_block_n=48 must divide bwd_block_n=128"):
+        FP8TileSizes(bwd_dq_block_n=48)
 
 
 def test_tile_sizes_refuse_non_bool_row_scales():

@@ -7,6 +7,7 @@ from torch.export import Dim, export
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchrec_hstu.modules.stu import STULayer, STUStack
+from torchrec_hstu.ops.backends import installed_backend
 from torchrec_hstu.ops.common import AttentionOptions, HSTUKernel
 from torchrec_hstu.ops.fp8.emulation import fp8_hstu_attention_emulated
 from torchrec_hstu.ops.fp8.export_op import call_hstu_fp8_fwd
@@ -126,18 +127,28 @@ def test_export_stu_stack_sla_one_node_per_layer():
 
 def test_export_cutlass_model_on_cpu_skips_the_gate():
     """A CUTLASS FP8 model exports here (no GPU, no wheel); the exported op then runs the
-    FP8 emulation on CPU, equal to the eager PYTORCH FP8 model."""
+    FP8 emulation on CPU, equal to the eager PYTORCH FP8 model. Where a wheel imports, its
+    declared FP8 modes decide (run on the GPU machine: FBGEMM's wheel refuses mode 2)."""
     torch.manual_seed(1)
     cutlass = STULayer(32, 2, 64, 64, fp8_quant_mode=2, kernel=HSTUKernel.CUTLASS).eval()
     torch.manual_seed(1)
     pytorch = STULayer(32, 2, 64, 64, fp8_quant_mode=2, kernel=HSTUKernel.PYTORCH).eval()
     x, offsets, nt = _batches(32)[0]
-    with pytest.raises(RuntimeError):  # eager refuses: FP8 CUTLASS needs an SM90 GPU
+    # Eager refuses: without a wheel (RuntimeError: not installed), with one (ValueError: it
+    # cannot run float32 CPU inputs; found on the GPU machine, where the wheel imports).
+    with pytest.raises((RuntimeError, ValueError), match="kernel=CUTLASS"):
         cutlass(x, offsets, 40, nt)
     total, batch = Dim("total", min=2, max=1 << 16), Dim("batch", min=1, max=1024)
+    dynamic_shapes = ({0: total}, {0: batch + 1}, None, {0: batch})
+    installed = installed_backend(HSTUKernel.CUTLASS)
+    if installed is not None and 2 not in installed.capabilities.fp8_forward_modes:
+        # A wheel that imports here speaks for CUTLASS (the GPU machine's FBGEMM wheel: FP8
+        # mode 5 only), so the export is refused, naming the mode.
+        with torch.no_grad(), pytest.raises(ValueError, match="fp8_quant_mode=2"):
+            export(cutlass, (x, offsets, 40, nt), dynamic_shapes=dynamic_shapes, strict=False)
+        return
     with torch.no_grad():
-        ep = export(cutlass, (x, offsets, 40, nt), dynamic_shapes=({0: total}, {0: batch + 1}, None, {0: batch}),
-                    strict=False)
+        ep = export(cutlass, (x, offsets, 40, nt), dynamic_shapes=dynamic_shapes, strict=False)
         (node,) = [n for n in ep.graph.nodes if n.target == OP]
         assert node.args[-1] == "CUTLASS"  # on CUDA the op would run the wheel or raise
         for x, offsets, nt in _batches(32):

@@ -26,6 +26,9 @@ row-wise for ``S`` and ``dP``, column-wise q, k, dO for the products along token
     dK[n] = sum_m (dS8[m, n]^T @ q8c[m])  * (s_dS[m, n] * q_descale_c[m])  * alpha / scaling_seqlen
     dQ[m] = sum_n (dS8[m, n]   @ k8c[n])  * (s_dS[m, n] * k_descale_c[n])  * alpha / scaling_seqlen
 
+(with row scales, dQ's sum runs over spans of ``bwd_dq_block_n`` keys, each with its own
+per-query ``s_dS``; ``k_descale_c`` is constant over a span).
+
 Every fp8 x fp8 product is exact (computed in float64, where sums of up to 2^17 products of
 e4m3 values are exact) and rounded once to float32, so the result does not depend on a
 summation order; silu and its derivative are evaluated in float64 and rounded to float32. The
@@ -232,7 +235,7 @@ def _backward(
     dqs, dks, dvs = [], [], []
     for index, mask in groups:
         b, n = index.shape
-        tiles_m, tiles_n = n // bm, n // bn
+        tiles_m = n // bm
         s = _scores(q_r.values_at(index), k_r.values_at(index), q_r.descale_at(index), k_r.descale_at(index), alpha)
         p, dsilu = _silu_and_derivative(s)
         p = torch.where(mask, p, 0.0)
@@ -256,16 +259,19 @@ def _backward(
         dv = (dv_part * (p_scale_cols * do_descale)).sum(dim=2) / scaling_seqlen
         dk_part = torch.einsum("bhtmn,bhtmd->bhtnd", ds8_m, q8_m).float()
         dk = (dk_part * (ds_scale_cols * q_descale)).sum(dim=2) * grad_scale
-        # dQ: per key tile n, scaled by the tile's k column descale. dS scales along queries,
-        # [b, H, N, tiles_n, 1]: the tile's, or (row scales) each query's over the key tile.
+        # dQ: per key span (the tile, or under row scales bwd_dq_block_n keys of it), scaled
+        # by the span's k column descale. dS scales along queries, [b, H, N, spans, 1]: the
+        # tile's, or (row scales) each query's over the span.
         if tiles.bwd_row_scales:
-            ds8, ds_scale = quantize_tiles(ds, 1, bn, scaled=mode != 0)
+            span = tiles.bwd_dq_block_n
+            ds8, ds_scale = quantize_tiles(ds, 1, span, scaled=mode != 0)
             ds_scale_rows = ds_scale.unsqueeze(-1)
         else:
+            span = bn
             ds_scale_rows = ds_scale.repeat_interleave(bm, dim=2).unsqueeze(-1)
-        ds8_n = ds8.double().reshape(b, num_heads, n, tiles_n, bn)
-        k8_n = k_c.values_at(index).reshape(b, num_heads, tiles_n, bn, dim_qk)
-        k_descale = k_c.descale_at(index)[:, :, ::bn].unsqueeze(2)  # [b, H, 1, tiles_n, Dqk or 1]
+        ds8_n = ds8.double().reshape(b, num_heads, n, n // span, span)
+        k8_n = k_c.values_at(index).reshape(b, num_heads, n // span, span, dim_qk)
+        k_descale = k_c.descale_at(index)[:, :, ::span].unsqueeze(2)  # [b, H, 1, spans, Dqk or 1]
         dq_part = torch.einsum("bhmtk,bhtkd->bhmtd", ds8_n, k8_n).float()
         dq = (dq_part * (ds_scale_rows * k_descale)).sum(dim=3) * grad_scale
         dqs.append((index, dq))

@@ -19,7 +19,8 @@ Backward, per key block of ``bwd_block_n`` (128) keys and query tile of ``bwd_bl
 tile, ``dV += P8^T dO8c``, ``dK += dS8^T q8c``, ``dQ += dS8 k8c`` (fp32 atomics), each scaled by
 the tile scale times the column descale of the tile (mode 1: per-d vector). Under "fast" at head
 dims <= 128 (:func:`fp8_bwd_row_scales`) P and dS are scaled per row of the tile instead: per
-key for dV and dK, per query for dQ, which then comes from the dQ kernel. Launch layouts
+key for dV and dK, per query over 64 keys (``bwd_dq_block_n``) for dQ, which then comes from
+the dQ kernel. Launch layouts
 (the autotuner picks): one key-parallel launch for dV, dK and dQ; two (dV; dK with dQ); or dK
 and dV without atomics and a query-parallel dQ kernel that walks the same tiles from the query
 side. On SM90 the key-parallel launches read the per-tile q, dO and their transposes through TMA
@@ -919,17 +920,19 @@ def fp8_bwd_candidates(dqk: int, dv: int, fp8_accumulation: str = DEFAULT_FP8_AC
 
     With row scales (:func:`fp8_bwd_row_scales`) dQ comes from the query-parallel dQ kernel,
     so every candidate has ``dq`` set; the dQ kernel runs one warpgroup per 64-query tile (4
-    warps: a query's row lies within one warp) or two (8 warps, the key tile split between
-    them). H200 (2026-12-03, B=16, D=128, modes 2 / 5): fused dK+dV 8:2 with dQ 4:2 8.87 /
-    8.76 ms at N=8192 (2.34 at N=4096), fused 8:3 10.1 / 9.9, dQ 8:2 11.7 / 11.8, split 8:2
-    11.4 / 11.0, split 8:1 14.9 / 14.6 (fits 99 KB of shared memory: last)."""
+    warps: a query's row lies within one warp). H200 (2026-12-03, B=16, N=8192, D=128, mode
+    2, whole backward, dQ over 64-key tiles): key-parallel 8:3 with dQ 4:3 8.33 ms, 8:3 with
+    4:2 8.54, 8:4 with 4:2 8.66, 8:2 with 4:3 8.77, 8:2 with 4:2 9.08 (mode 5: 8.13, 8.47,
+    8.50, 8.41, 8.99); any dQ at 8 warps 11.2-13.9 (dropped). Key-parallel alone (profiler):
+    8:3 4.71 ms, 8:2 5.19. Split 8:1 fits 99 KB of shared memory: last."""
     if fp8_bwd_row_scales(dqk, dv, fp8_accumulation):
         if interpret_mode():
             return [KernelConfig(0, 0, 4, 1, split_bwd=True, dq=KernelConfig(0, 0, 4, 1))]
-        return [KernelConfig(0, 0, 8, 2, dq=KernelConfig(0, 0, 4, 2)),
-                KernelConfig(0, 0, 8, 3, dq=KernelConfig(0, 0, 4, 3)),
-                KernelConfig(0, 0, 8, 2, dq=KernelConfig(0, 0, 8, 2)),
-                KernelConfig(0, 0, 8, 2, split_bwd=True, dq=KernelConfig(0, 0, 4, 2)),
+        return [KernelConfig(0, 0, 8, 3, dq=KernelConfig(0, 0, 4, 3)),
+                KernelConfig(0, 0, 8, 3, dq=KernelConfig(0, 0, 4, 2)),
+                KernelConfig(0, 0, 8, 4, dq=KernelConfig(0, 0, 4, 2)),
+                KernelConfig(0, 0, 8, 2, dq=KernelConfig(0, 0, 4, 3)),
+                KernelConfig(0, 0, 8, 2, dq=KernelConfig(0, 0, 4, 2)),
                 KernelConfig(0, 0, 8, 1, split_bwd=True, dq=KernelConfig(0, 0, 4, 1))]
     # Tile scales (as the CUTLASS kernel): "precise" / "mixed", and "fast" at D = 256.
     if interpret_mode():
@@ -1296,6 +1299,9 @@ def fp8_bwd(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
+    # Row scales: dS scaled per query over bwd_dq_block_n keys, the dQ kernel's key tile.
+    dq_bn = tiles.bwd_dq_block_n if row_scales else bn
+
     def launch_dq(cfg: KernelConfig) -> None:
         grid = (batch * num_heads, ceil_div(max_seq_len, bm))
         _fp8_bwd_dq_kernel[grid](
@@ -1311,7 +1317,7 @@ def fp8_bwd(
             alpha, alpha * scale,
             mask.c, mask.w, mask.m, mask.sla_k1, mask.k2,
             num_heads,
-            BLOCK_M=bm, BLOCK_N=bn, **common,
+            BLOCK_M=bm, BLOCK_N=dq_bn, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
