@@ -29,7 +29,7 @@ CONFIGS = {
     256: ["8:1:split", "8:1:split/8:1", "8:1", "8:1/8:1"],
 }
 #: Layouts with per-row P / dS scales (``fp8_bwd_row_scales``): dQ always by the dQ kernel.
-ROW_SCALE_CONFIGS = ["8:2/4:2", "8:3/4:3", "8:2/8:2", "8:2:split/4:2", "8:1:split/4:1"]
+ROW_SCALE_CONFIGS = ["8:3/4:3", "8:3/4:2", "8:4/4:2", "8:2/4:3", "8:2/4:2", "8:1:split/4:1"]
 
 
 def parse_config(text: str):

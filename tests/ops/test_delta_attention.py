@@ -145,8 +145,7 @@ def test_half_precision_inputs_computed_in_float32(dtype):
 
 
 # ----------------------------------------------------------------------------- FP8
-SMALL_TILES = FP8TileSizes(fwd_block_m=8, fwd_block_n=8, fwd_p_rows=4, bwd_block_m=8, bwd_block_n=8, colwise_chunk=16,
-                           bwd_dq_block_n=8)
+SMALL_TILES = FP8TileSizes(fwd_block_m=8, fwd_block_n=8, fwd_p_rows=4, bwd_block_m=8, bwd_block_n=8, colwise_chunk=16)
 
 
 def loop_oracle_fp8_delta(

@@ -286,7 +286,17 @@ def test_dq_span_changes_only_dq_and_not_for_the_worse(mode):
 
 def test_tile_sizes_refuse_a_dq_span_that_does_not_divide_the_key_tile():
     with pytest.raises(ValueError, match="bwd_dq_block_n=48 must divide bwd_block_n=128"):
-        FP8TileSizes(bwd_dq_block_n=48)
+        FP8TileSizes(bwd_dq_block_n=48, bwd_row_scales=True)
+    # Tile scales do not use the span: small key tiles stay valid with its default.
+    assert FP8TileSizes(fwd_block_n=8, bwd_block_m=8, bwd_block_n=8, colwise_chunk=16).bwd_dq_block_n == 64
+    with pytest.raises(ValueError, match="bwd_dq_block_n"):
+        FP8TileSizes(fwd_block_n=8, bwd_block_m=8, bwd_block_n=8, colwise_chunk=16, bwd_row_scales=True)
+
+
+def test_tiles_for_head_dim_are_cached_and_still_refuse_non_bool_row_scales():
+    assert FP8TileSizes.for_head_dim(64, bwd_row_scales=True) is FP8TileSizes.for_head_dim(64, True)
+    with pytest.raises(ValueError, match="bwd_row_scales"):
+        FP8TileSizes.for_head_dim(64, 1)
 
 
 def test_tile_sizes_refuse_non_bool_row_scales():

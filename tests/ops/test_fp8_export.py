@@ -134,8 +134,8 @@ def test_export_cutlass_model_on_cpu_skips_the_gate():
     torch.manual_seed(1)
     pytorch = STULayer(32, 2, 64, 64, fp8_quant_mode=2, kernel=HSTUKernel.PYTORCH).eval()
     x, offsets, nt = _batches(32)[0]
-    # Eager refuses: without a wheel (RuntimeError: not installed), with one (ValueError: it
-    # cannot run float32 CPU inputs; found on the GPU machine, where the wheel imports).
+    # Eager refuses: without a wheel (RuntimeError: not installed), with one (ValueError naming
+    # what the installed wheel cannot run; found on the GPU machine, where FBGEMM's imports).
     with pytest.raises((RuntimeError, ValueError), match="kernel=CUTLASS"):
         cutlass(x, offsets, 40, nt)
     total, batch = Dim("total", min=2, max=1 << 16), Dim("batch", min=1, max=1024)

@@ -32,9 +32,8 @@ saturate: :func:`saturate_to_fp8` clamps to +-448 first.
 """
 
 import dataclasses
-import functools
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -77,8 +76,8 @@ class FP8TileSizes:
             query-parallel dQ kernel's key tile); divides ``bwd_block_n``, so a span never
             straddles two k blocks of mode 2. 64 rather than 128: the dQ kernel's score tiles
             are half as large and it spills far less (static ptxas, sm90a, D=128: 3.9-4.9 KB
-            -> 0.6 KB of spill stores per thread; H200, N=8192: 3.72 -> 3.18-3.37 ms);
-            unused with tile scales.
+            -> 0.6 KB of spill stores per thread; H200, N=8192: 3.74 -> 3.18-3.37 ms);
+            unused (and not checked) with tile scales.
     """
 
     fwd_block_m: int = 128
@@ -103,7 +102,7 @@ class FP8TileSizes:
             raise ValueError(
                 f"FP8TileSizes.fwd_p_rows={self.fwd_p_rows} must divide fwd_block_m={self.fwd_block_m}"
             )
-        if self.bwd_block_n % self.bwd_dq_block_n:
+        if self.bwd_row_scales and self.bwd_block_n % self.bwd_dq_block_n:
             raise ValueError(
                 f"FP8TileSizes.bwd_dq_block_n={self.bwd_dq_block_n} must divide "
                 f"bwd_block_n={self.bwd_block_n} (a dQ scale span never straddles two k blocks)"
@@ -116,12 +115,18 @@ class FP8TileSizes:
                 )
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
     def for_head_dim(head_dim: int, bwd_row_scales: bool = False) -> "FP8TileSizes":
         """The SM90 kernel's tiles for head dim ``head_dim`` (no relative attention bias).
         Cached (the instances are frozen): an eager FP8 forward+backward asks five times, and
-        each construction validates every field (about 18 us of host time on CPU)."""
-        return FP8TileSizes(fwd_block_n=128 if head_dim <= 128 else 64, bwd_row_scales=bwd_row_scales)
+        each construction validates every field (about 18 us of host time on CPU). A plain
+        dict rather than ``functools.lru_cache``, which torch.compile warns it ignores; only
+        a real bool is cached, so ``bwd_row_scales=1`` is still refused."""
+        key = (head_dim, bwd_row_scales)
+        tiles = _TILES_FOR_HEAD_DIM.get(key)
+        if tiles is None or type(bwd_row_scales) is not bool:
+            tiles = FP8TileSizes(fwd_block_n=128 if head_dim <= 128 else 64, bwd_row_scales=bwd_row_scales)
+            _TILES_FOR_HEAD_DIM[key] = tiles
+        return tiles
 
     @property
     def padding_multiple(self) -> int:
@@ -130,6 +135,9 @@ class FP8TileSizes:
         for size in (self.fwd_block_m, self.fwd_block_n, self.bwd_block_m, self.bwd_block_n):
             result = result * size // math.gcd(result, size)
         return result
+
+
+_TILES_FOR_HEAD_DIM: Dict[Tuple[int, bool], FP8TileSizes] = {}
 
 
 class FP8Quantized(NamedTuple):

@@ -719,10 +719,11 @@ def _fp8_dq_tile(
     MAX_IMPRECISE_S: tl.constexpr, FAST_SILU: tl.constexpr, TILE_SCALAR: tl.constexpr,
     ROW_SCALES: tl.constexpr,
 ):
-    """One key tile ``[j0, j0 + BLOCK_N)`` of the FP8 dQ: the (query tile x key tile) of the
-    key-parallel backward seen from the query side, so ``dS`` and its tile scale are the same
-    numbers (the amax runs over the same elements). ``ROW_SCALES``: one dS scale per query
-    (row) over the key tile, constant along this product's reduction."""
+    """One key tile ``[j0, j0 + BLOCK_N)`` of the FP8 dQ. With tile scales it is the (query
+    tile x key tile) of the key-parallel backward seen from the query side, so ``dS`` and its
+    tile scale are the same numbers (the amax runs over the same elements). ``ROW_SCALES``:
+    ``BLOCK_N`` is ``FP8TileSizes.bwd_dq_block_n`` (64, half the key-parallel tile), one dS
+    scale per query (row) over it, constant along this product's reduction."""
     j0 = tl.multiple_of(j0, 16)
     cols = j0 + offs_n
     col_in = cols < n
