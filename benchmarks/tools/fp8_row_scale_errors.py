@@ -1,7 +1,8 @@
 """The FP8 backward's two definitions side by side (CPU, the PyTorch emulation): P / dS scaled
 per 64 x 128 tile (the CUTLASS kernel's) and per row of the tile (``FP8TileSizes.bwd_row_scales``,
-the Triton "fast" default at head dims <= 128; dQ's dS per query over ``bwd_dq_block_n`` keys). Prints and writes each gradient's error vs the
-float64 reference, relative L2 and max-abs over max|ref|, for bf16 inputs, modes 0..5.
+the Triton "fast" default at head dims <= 128; dQ's dS per query over ``bwd_dq_block_n`` keys).
+Prints and writes each gradient's error vs the float64 reference, relative L2 and max-abs over
+max|ref|, for bf16 inputs, modes 0..5.
 
     python benchmarks/tools/fp8_row_scale_errors.py --out row_scale_errors.json [--dims 64,128]
 """

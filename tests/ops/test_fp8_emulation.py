@@ -172,11 +172,10 @@ def oracle(q, k, v, dout, lengths, max_seq_len, alpha, options, num_targets, til
                         p8, sp = vector_quant(p, mode, 0)
                         ds8, sds = vector_quant(ds, mode, 0)
                         sp, sds = sp.reshape(-1, 1), sds.reshape(-1, 1)
-                        spans = [slice(j, j + tiles.bwd_dq_block_n)
-                                 for j in range(0, cols.stop - n0, tiles.bwd_dq_block_n)]
-                        for span in spans:
-                            dsq8, sdsq = vector_quant(ds[:, span], mode, 1)
-                            keys = slice(n0 + span.start, min(n, n0 + span.stop))
+                        span = tiles.bwd_dq_block_n
+                        for j in range(0, cols.stop - n0, span):
+                            dsq8, sdsq = vector_quant(ds[:, j:j + span], mode, 1)
+                            keys = slice(n0 + j, min(n, n0 + j + span))
                             gq[rows] += (dsq8 @ Kc[keys]).float() * (sdsq * Kcd[keys.start])
                     else:
                         p8, sp = tile_quant(p, mode)

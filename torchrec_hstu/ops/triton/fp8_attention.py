@@ -1226,7 +1226,9 @@ def fp8_bwd(
     dq, dk, dv = gradient_outputs(q, k, v)
     if total == 0 or batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    tiles = FP8TileSizes.for_head_dim(max(dqk, dv_dim))
+    row_scales = fp8_bwd_row_scales(dqk, dv_dim, fp8_accumulation)
+    # The definition this call runs (the emulation's with the same tiles).
+    tiles = FP8TileSizes.for_head_dim(max(dqk, dv_dim), row_scales)
     bm, bn, chunk = tiles.bwd_block_m, tiles.bwd_block_n, tiles.colwise_chunk
     mode = fp8_quant_mode
     quantize = _batch_quantizer(seq_offsets, max_seq_len, mode, chunk, fp8_accumulation != "fast")
@@ -1261,7 +1263,6 @@ def fp8_bwd(
     tma_reduce = tma and not interpret_mode()
 
     fast = fp8_accumulation == "fast"
-    row_scales = fp8_bwd_row_scales(dqk, dv_dim, fp8_accumulation)
     common = dict(
         DQK=dqk, DV_DIM=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         QUANT_MODE=mode, MASK_MODE=mask.mode, HAS_TARGETS=mask.has_targets,
@@ -1301,7 +1302,7 @@ def fp8_bwd(
         )
 
     # Row scales: dS scaled per query over bwd_dq_block_n keys, the dQ kernel's key tile.
-    dq_bn = tiles.bwd_dq_block_n if row_scales else bn
+    dq_bn = tiles.bwd_dq_block_n if tiles.bwd_row_scales else bn
 
     def launch_dq(cfg: KernelConfig) -> None:
         grid = (batch * num_heads, ceil_div(max_seq_len, bm))
